@@ -1,0 +1,37 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+# torch is installed first, pinned to the CPU wheel this machine carries, so pip
+# never resolves an unpinned torch to a multi-GB CUDA build.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.torchkeep-installed
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,torch]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m torchkeep demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

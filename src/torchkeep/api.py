@@ -1,0 +1,242 @@
+"""The public entry points: save, load, open; format dispatch and backend choice."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torchkeep.errors import (
+    MissingDependencyError,
+    StorageError,
+    TorchkeepError,
+    UnsupportedTypeError,
+)
+from torchkeep.formats.detect import detect, format_for_suffix
+from torchkeep.formats.parsed import Parsed
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.atomic import write_atomically
+from torchkeep.storage.source import Source, open_source
+from torchkeep.tree import StorageRef
+from torchkeep.unpickle import Allowlist, AllowSpec
+
+__all__ = ["SaveOptions", "load", "parse", "save"]
+
+Backend = Literal["torch", "numpy"]
+WRITABLE_FORMATS = ("torch", "torch-legacy", "safetensors")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveOptions:
+    """How ``save`` writes.
+
+    ``durable``: fsync the file and its folder after the atomic rename (a crash or
+    power loss right after ``save`` returns cannot lose the file). ``checksum``: compute
+    CRC-32s for the torch zip format (torch.save does; its loader never checks them,
+    torchkeep's ``verify`` does). ``alignment``: byte alignment of torch zip records.
+    """
+
+    durable: bool = True
+    checksum: bool = True
+    alignment: int = 64
+
+    def __post_init__(self) -> None:
+        if self.alignment < 1 or self.alignment & (self.alignment - 1) or self.alignment > 65536:
+            raise ValueError("alignment must be a power of two between 1 and 65536")
+
+
+DEFAULT_SAVE = SaveOptions()
+
+
+# -- saving -----------------------------------------------------------------------------
+
+
+class _Describer:
+    """Describes foreign objects (torch, via tensors.py) and serves storage bytes."""
+
+    def __init__(self) -> None:
+        self._torch: Any = None
+        if "torch" in sys.modules and sys.modules["torch"] is not None:
+            from torchkeep.tensors import TorchDescriber
+
+            self._torch = TorchDescriber()
+        self._sources: dict[int, Callable[[StorageRef], Any]] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        if self._torch is not None:
+            return self._torch(obj)
+        return None
+
+    def register(self, ref: StorageRef, provider: Callable[[StorageRef], Any]) -> None:
+        """Serve ``ref``'s bytes from ``provider`` (placeholders taken from a parsed file)."""
+        self._sources[id(ref)] = provider
+
+    def storage_bytes(self, ref: StorageRef) -> Any:
+        provider = self._sources.get(id(ref))
+        if provider is not None:
+            return provider(ref)
+        if self._torch is None:
+            raise UnsupportedTypeError(
+                f"storage {ref.key!r} has no bytes to save (a placeholder without its file)"
+            )
+        return self._torch.storage_bytes(ref)
+
+
+def _resolve_format(f: Any, format: str | None) -> str:
+    if format is not None:
+        if format not in WRITABLE_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(WRITABLE_FORMATS)}, got {format!r}")
+        return format
+    if isinstance(f, (str, os.PathLike)):
+        return format_for_suffix(str(os.fspath(f))) or "torch"
+    return "torch"
+
+
+def save(
+    obj: Any,
+    f: str | os.PathLike[str] | Any,
+    *,
+    format: str | None = None,
+    options: SaveOptions = DEFAULT_SAVE,
+) -> None:
+    """Save ``obj`` (a tree of tensors, containers and plain values) to ``f``.
+
+    ``f`` is a path or a writable binary file object. The format comes from ``format``
+    (``torch``, ``torch-legacy``, ``safetensors``) or the path's suffix (``.safetensors``;
+    anything else is the torch zip format, as for file objects). ``torch`` output is read
+    by stock ``torch.load(weights_only=True)``; ``safetensors`` output by the safetensors
+    library (with the rest of the tree kept in its metadata).
+
+    Saving to a path is atomic: nothing at ``f`` changes unless the whole file was
+    written (and, with ``options.durable``, fsynced). Unsupported objects raise
+    UnsupportedTypeError naming where they sit (``obj['model']['fc1']: ...``).
+    """
+    fmt = _resolve_format(f, format)
+    _write(obj, f, fmt, _Describer(), options)
+
+
+def _write(obj: Any, f: Any, fmt: str, describer: _Describer, options: SaveOptions) -> None:
+    from torchkeep.formats.safetensors import write_safetensors
+    from torchkeep.formats.torch_legacy import write_torch_legacy
+    from torchkeep.formats.torch_zip import archive_name_for, write_torch_zip
+
+    def produce(write: Callable[[Any], Any]) -> None:
+        if fmt == "torch":
+            write_torch_zip(obj, write, describe=describer, storage_bytes=describer.storage_bytes,
+                            archive_name=archive_name_for(f), alignment=options.alignment,
+                            checksum=options.checksum)
+        elif fmt == "torch-legacy":
+            write_torch_legacy(obj, write, describe=describer,
+                               storage_bytes=describer.storage_bytes)
+        else:
+            write_safetensors(obj, write, describe=describer,
+                              storage_bytes=describer.storage_bytes)
+
+    if isinstance(f, (str, os.PathLike)):
+        write_atomically(f, produce, fsync=options.durable)
+        return
+    if not hasattr(f, "write"):
+        raise TypeError(f"save() needs a path or a writable binary file, got {type(f).__name__}")
+    try:
+        produce(f.write)
+        if hasattr(f, "flush"):
+            f.flush()
+    except OSError as e:
+        raise StorageError(f"writing failed: {e}") from e
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+def parse(
+    f: Any,
+    *,
+    allow: Iterable[AllowSpec] = (),
+    limits: Limits = DEFAULT_LIMITS,
+) -> Parsed:
+    """Parse ``f`` into placeholders (no tensor bytes read). The caller closes the result."""
+    source = open_source(f)
+    try:
+        return parse_source(source, allowlist=Allowlist(allow), limits=limits)
+    except BaseException:
+        source.close()
+        raise
+
+
+def parse_source(source: Source, *, allowlist: Allowlist, limits: Limits) -> Parsed:
+    """Parse an open Source; errors name the source."""
+    try:
+        fmt = detect(source)
+        if fmt == "torch":
+            from torchkeep.formats.torch_zip import read_torch_zip
+
+            return read_torch_zip(source, allowlist=allowlist, limits=limits)
+        if fmt == "torch-legacy":
+            from torchkeep.formats.torch_legacy import read_torch_legacy
+
+            return read_torch_legacy(source, allowlist=allowlist, limits=limits)
+        if fmt == "safetensors":
+            from torchkeep.formats.safetensors import read_safetensors
+
+            return read_safetensors(source, limits=limits)
+        from torchkeep.formats.plain_pickle import read_plain_pickle
+
+        return read_plain_pickle(source, allowlist=allowlist, limits=limits)
+    except TorchkeepError as e:
+        e.with_source(source.name)
+        raise
+
+
+def materializer(
+    parsed: Parsed, *, backend: Backend, map_location: Any = None, mmap: bool | None = None
+) -> Any:
+    """The object that turns ``parsed``'s placeholders into torch or numpy values."""
+    if backend == "numpy":
+        if map_location is not None:
+            raise ValueError("map_location applies to backend='torch' only")
+        from torchkeep.arrays import NumpyMaterializer
+
+        return NumpyMaterializer(parsed, mmap=mmap)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'numpy', got {backend!r}")
+    try:
+        from torchkeep.tensors import TorchMaterializer
+    except ImportError as e:
+        raise MissingDependencyError(
+            "backend='torch' needs torch installed (pip install 'torchkeep[torch]'); "
+            "backend='numpy' works without it"
+        ) from e
+    return TorchMaterializer(parsed, map_location=map_location, mmap=mmap)
+
+
+def load(
+    f: Any,
+    map_location: Any = None,
+    *,
+    mmap: bool | None = None,
+    backend: Backend = "torch",
+    allow: Iterable[AllowSpec] = (),
+    limits: Limits = DEFAULT_LIMITS,
+) -> Any:
+    """Load a checkpoint without ever running code from it.
+
+    ``f``: a path, a binary file object or bytes; the format is found from the content
+    (torch zip, legacy torch, safetensors, a plain pickle, a torchkeep step directory).
+    ``map_location`` has torch.load's meaning (str, torch.device, dict, callable).
+    ``mmap``: None maps a local file when possible (tensors are copy-on-write views of
+    the file, read on first touch); False forces private copies (for files that may
+    change while the tensors live); True requires mapping. ``backend="numpy"`` returns
+    numpy arrays and works without torch installed. ``allow`` admits extra globals
+    (see UnsafeCheckpointError); ``limits`` raises parser limits for trusted files.
+    """
+    parsed = parse(f, allow=allow, limits=limits)
+    try:
+        return materializer(parsed, backend=backend, map_location=map_location,
+                            mmap=mmap).tree(limits=limits)
+    except TorchkeepError as e:
+        e.with_source(parsed.source.name)
+        raise
+    finally:
+        parsed.close()

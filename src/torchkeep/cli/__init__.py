@@ -1,0 +1,1 @@
+"""The ``torchkeep`` command line."""

@@ -1,0 +1,55 @@
+"""Entry point of the ``torchkeep`` command: sub-commands, error handling, exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from torchkeep.errors import TorchkeepError
+
+__all__ = ["cli", "main"]
+
+EXIT_USAGE = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="torchkeep")
+def cli() -> None:
+    """Safe, fast, crash-proof PyTorch checkpoints."""
+
+
+@cli.command()
+def demo() -> None:
+    """Save the seed model's checkpoint with torchkeep and read it back every way."""
+    from torchkeep.demo.files import run_files_demo
+
+    if not run_files_demo(click.echo):
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; TorchkeepErrors become one-line messages and exit codes."""
+    try:
+        cli.main(args=argv, prog_name="torchkeep", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.UsageError as e:
+        e.show()
+        return EXIT_USAGE
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except TorchkeepError as e:
+        click.echo(f"torchkeep: error: {e}", err=True)
+        return e.exit_code
+    except SystemExit as e:
+        code: Any = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

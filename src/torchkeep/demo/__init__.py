@@ -1,0 +1,1 @@
+"""The demo: the seed model of the PyTorch tutorial, checkpointed with torchkeep."""

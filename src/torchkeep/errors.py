@@ -1,0 +1,135 @@
+"""The one error tree of torchkeep; every error the library raises on purpose is here.
+
+::
+
+    TorchkeepError                           base of everything below (exit code 1)
+    ├── FormatError(ValueError)              the input is not a checkpoint we can read (exit 3)
+    │   ├── CorruptCheckpointError           structure is broken: truncated, lying lengths,
+    │   │   │                                bad offsets, views outside their storage
+    │   │   └── IntegrityError               a checksum does not match the bytes
+    │   ├── LimitExceededError               a named limit (limits.Limits) was exceeded
+    │   └── UnsupportedFormatError           recognised, but not a format we read
+    │                                        (TorchScript archive, the old tar layout)
+    ├── UnsafeCheckpointError(ValueError)    the file asks for a global outside the allowlist
+    ├── CheckpointNotFoundError(FileNotFoundError)
+    ├── UnsupportedTypeError(TypeError)      save() met an object it will not write
+    ├── StorageError(OSError)                reading or writing the medium failed
+    ├── MissingDependencyError(ImportError)  an optional package (torch, fsspec) is needed
+    ├── AsyncSaveError(RuntimeError)         a background save failed; the cause is chained
+    └── DistributedError(RuntimeError)       a collective failed on one or more ranks
+
+Each class also subclasses the nearest builtin, so ``except ValueError`` keeps working
+for callers that do not know torchkeep. Foreign exceptions (struct, zipfile, zlib,
+OSError, json) are translated once per layer with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "AsyncSaveError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "DistributedError",
+    "FormatError",
+    "IntegrityError",
+    "LimitExceededError",
+    "MissingDependencyError",
+    "StorageError",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatError",
+    "UnsupportedTypeError",
+]
+
+
+def _where(source: object) -> str:
+    """A short human name for a source: a path, or the kind of object it is."""
+    if source is None:
+        return ""
+    if isinstance(source, (str, os.PathLike)):
+        return str(os.fspath(source))
+    return f"<{type(source).__name__}>"
+
+
+class TorchkeepError(Exception):
+    """Base class of every error torchkeep raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, source: object = None) -> None:
+        self.reason = message
+        self.source = _where(source)
+        super().__init__(f"{self.source}: {message}" if self.source else message)
+
+    def with_source(self, source: object) -> TorchkeepError:
+        """Return this error naming ``source`` when it does not name one yet."""
+        if not self.source and source is not None:
+            self.source = _where(source)
+            self.args = (f"{self.source}: {self.reason}",)
+        return self
+
+
+class FormatError(TorchkeepError, ValueError):
+    """The input is not a checkpoint torchkeep can read."""
+
+    exit_code = 3
+
+
+class CorruptCheckpointError(FormatError):
+    """The input looks like a checkpoint but its structure is broken or inconsistent."""
+
+
+class IntegrityError(CorruptCheckpointError):
+    """Stored bytes do not match their recorded checksum."""
+
+
+class LimitExceededError(FormatError):
+    """A named limit was exceeded; raise it with ``limits=Limits(...)`` if the file is trusted."""
+
+
+class UnsupportedFormatError(FormatError):
+    """A recognised format that torchkeep deliberately does not read."""
+
+
+class UnsafeCheckpointError(TorchkeepError, ValueError):
+    """The file asks for a global (importable name) outside the allowlist."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, source: object = None, global_name: str = "") -> None:
+        self.global_name = global_name
+        super().__init__(message, source=source)
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """The path does not exist or holds no checkpoint."""
+
+    exit_code = 3
+
+
+class UnsupportedTypeError(TorchkeepError, TypeError):
+    """``save`` was given an object it does not write (it never pickles arbitrary objects)."""
+
+    exit_code = 2
+
+
+class StorageError(TorchkeepError, OSError):
+    """Reading or writing the underlying medium failed."""
+
+    exit_code = 3
+
+
+class MissingDependencyError(TorchkeepError, ImportError):
+    """An optional dependency (torch, fsspec) is required for this operation."""
+
+    exit_code = 2
+
+
+class AsyncSaveError(TorchkeepError, RuntimeError):
+    """A background save failed; ``__cause__`` is the original exception."""
+
+
+class DistributedError(TorchkeepError, RuntimeError):
+    """A distributed operation failed on one or more ranks."""

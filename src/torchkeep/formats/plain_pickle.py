@@ -1,0 +1,20 @@
+"""A plain pickle stream (``pickle.dump`` of plain data), read by the restricted interpreter."""
+
+from __future__ import annotations
+
+from torchkeep.formats.parsed import Parsed
+from torchkeep.formats.torch_legacy import stream_bytes
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.source import Source
+from torchkeep.unpickle import Allowlist, unpickle
+
+__all__ = ["read_plain_pickle"]
+
+
+def read_plain_pickle(
+    source: Source, *, allowlist: Allowlist, limits: Limits = DEFAULT_LIMITS
+) -> Parsed:
+    """Parse a plain pickle (no torch storages) into its value; nothing is executed."""
+    result = unpickle(stream_bytes(source), allowlist=allowlist, limits=limits, what="pickle")
+    info = {"trailing_bytes": source.size - result.end}
+    return Parsed("pickle", result.value, source, {}, "little", info)

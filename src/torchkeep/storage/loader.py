@@ -1,0 +1,126 @@
+"""One storage's bytes: a copy-on-write memory-map slice or a private copy, in native order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from torchkeep.errors import CorruptCheckpointError, StorageError
+from torchkeep.formats.parsed import Parsed, Record
+from torchkeep.tree import StorageRef
+
+__all__ = ["StorageLoader", "swap_unit"]
+
+
+def swap_unit(itemsize: int, complex_: bool) -> int:
+    """Bytes per byte-swapped unit: complex values swap each real/imag half on its own."""
+    return itemsize // 2 if complex_ else itemsize
+
+
+class StorageLoader:
+    """Hands out each root storage's bytes once, as a writable uint8 numpy array.
+
+    ``mmap=None`` maps a local file when every record can be mapped (stored, native byte
+    order); ``True`` requires mapping; ``False`` always copies (for files that may
+    change while the tensors live). Arrays are cached per storage key, so tensors that
+    share a storage share memory.
+    """
+
+    def __init__(self, parsed: Parsed, *, mmap: bool | None = None) -> None:
+        self.parsed = parsed
+        source = parsed.source
+        mappable = source.path is not None and parsed.native_order and source.size > 0
+        if mmap and not mappable:
+            why = (
+                "the input is not a local file" if source.path is None
+                else "its tensor bytes are not in this machine's byte order"
+            )
+            raise StorageError(f"mmap=True is not possible: {why}", source=source.name)
+        self.use_mmap = mappable if mmap is None else bool(mmap)
+        self._mapped: np.ndarray[Any, Any] | None = None
+        self._cache: dict[str, np.ndarray[Any, Any]] = {}
+
+    def _whole_map(self) -> np.ndarray[Any, Any]:
+        if self._mapped is None:
+            self._mapped = np.frombuffer(self.parsed.source.mapping(), dtype=np.uint8)
+        return self._mapped
+
+    def root_bytes(self, ref: StorageRef, swap_itemsize: int = 1) -> np.ndarray[Any, Any]:
+        """The root storage's bytes (uint8, writable, native order for ``swap_itemsize``)."""
+        root = ref.root
+        hit = self._cache.get(root.key)
+        if hit is not None:
+            return hit
+        record = self.parsed.record(root)
+        if record.nbytes != root.nbytes:
+            raise CorruptCheckpointError(
+                f"storage {root.key!r} needs {root.nbytes} bytes, its record has {record.nbytes}",
+                source=self.parsed.source.name,
+            )
+        data = self._read(record)
+        if self.parsed.verify is not None:
+            self.parsed.verify(root, data.data)
+        if not self.parsed.native_order and swap_itemsize > 1:
+            data = _byteswap(data, swap_itemsize)
+        self._cache[root.key] = data
+        return data
+
+    def view_bytes(self, ref: StorageRef, swap_itemsize: int = 1) -> np.ndarray[Any, Any]:
+        """The bytes of ``ref`` itself (a legacy view storage is a slice of its root)."""
+        data = self.root_bytes(ref, swap_itemsize)
+        if ref.base is None:
+            return data
+        start = _absolute_offset(ref)
+        if start + ref.nbytes > data.nbytes:
+            raise CorruptCheckpointError(
+                f"view storage {ref.key!r} lies outside its root storage",
+                source=self.parsed.source.name,
+            )
+        return data[start : start + ref.nbytes]
+
+    def _read(self, record: Record) -> np.ndarray[Any, Any]:
+        if record.nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        if record.offset is not None:
+            if self.use_mmap:
+                return self._whole_map()[record.offset : record.offset + record.nbytes]
+            source = self.parsed.source
+            memory = source.memory()
+            out = np.empty(record.nbytes, dtype=np.uint8)
+            if memory is not None:
+                out[:] = np.frombuffer(memory, dtype=np.uint8, count=record.nbytes,
+                                       offset=record.offset)
+            else:
+                source.readinto(record.offset, out.data)
+            return out
+        if record.decode is None:
+            raise CorruptCheckpointError(f"record {record.name!r} has no data")
+        raw = record.decode()
+        if len(raw) != record.nbytes:
+            raise CorruptCheckpointError(f"record {record.name!r} decoded to the wrong size")
+        return np.frombuffer(bytearray(raw), dtype=np.uint8)
+
+
+def _absolute_offset(ref: StorageRef) -> int:
+    offset = 0
+    node: StorageRef | None = ref
+    while node is not None and node.base is not None:
+        offset += node.base_offset
+        node = node.base
+    return offset
+
+
+def _byteswap(data: np.ndarray[Any, Any], unit: int) -> np.ndarray[Any, Any]:
+    if data.nbytes % unit:
+        raise CorruptCheckpointError(
+            f"a big-endian storage of {data.nbytes} bytes is not a whole number of "
+            f"{unit}-byte elements"
+        )
+    out = data if data.flags.writeable else data.copy()
+    view = out.view(np.dtype(f"u{unit}")) if unit in (2, 4, 8) else None
+    if view is None:
+        raise CorruptCheckpointError(f"cannot byte-swap {unit}-byte elements")
+    view.byteswap(inplace=True)
+    return out
+

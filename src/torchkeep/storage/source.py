@@ -1,0 +1,195 @@
+"""Random-access input: the bytes of a checkpoint from a path, a file object or a buffer."""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+from typing import IO, Any
+
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+    TorchkeepError,
+)
+
+__all__ = ["Source", "open_source"]
+
+
+class Source:
+    """The bytes of one input, read by absolute offset, bounded by the real size.
+
+    Reads past the end raise CorruptCheckpointError ("truncated"), so no parser can
+    allocate more than the input holds. ``path`` is set when the input is a local file
+    (memory mapping needs one).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        size: int,
+        path: str | None = None,
+        fd: int | None = None,
+        stream: IO[bytes] | None = None,
+        buffer: memoryview | None = None,
+        base: int = 0,
+    ) -> None:
+        self.name = name
+        self.size = size
+        self.path = path
+        self._fd = fd
+        self._stream = stream
+        self._buffer = buffer
+        self._base = base
+        self._map: mmap.mmap | None = None
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _check(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise CorruptCheckpointError(
+                f"truncated: needs bytes {offset}..{offset + n}, the input has {self.size}",
+                source=self.name,
+            )
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Exactly ``n`` bytes at ``offset``."""
+        self._check(offset, n)
+        if self._buffer is not None:
+            return bytes(self._buffer[offset : offset + n])
+        buf = bytearray(n)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``offset`` (one copy, no intermediate buffer)."""
+        n = out.nbytes
+        self._check(offset, n)
+        if self._buffer is not None:
+            out.cast("B")[:] = self._buffer[offset : offset + n]
+            return
+        out = out.cast("B")
+        done = 0
+        try:
+            if self._fd is not None:
+                while done < n:
+                    got = os.preadv(self._fd, [out[done:]], self._base + offset + done)
+                    if got <= 0:
+                        break
+                    done += got
+            else:
+                assert self._stream is not None
+                self._stream.seek(self._base + offset)
+                while done < n:
+                    got = self._stream.readinto(out[done:])  # type: ignore[attr-defined]
+                    if not got:
+                        break
+                    done += got
+        except OSError as e:
+            raise StorageError(f"read failed at offset {offset}: {e}", source=self.name) from e
+        if done != n:
+            raise CorruptCheckpointError(
+                f"truncated: the input ended {n - done} bytes early at offset {offset + done}",
+                source=self.name,
+            )
+
+    def memory(self) -> memoryview | None:
+        """The whole input as a read-only buffer when it is already in memory."""
+        return self._buffer
+
+    def mapping(self) -> memoryview:
+        """A private (copy-on-write) memory map of the whole input.
+
+        Writes through it never reach the file. Only for local files.
+        """
+        if self._buffer is not None:
+            return self._buffer
+        if self._fd is None or self.size == 0:
+            raise StorageError("memory mapping needs a non-empty local file", source=self.name)
+        if self._map is None:
+            try:
+                self._map = mmap.mmap(self._fd, self._base + self.size, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise StorageError(f"cannot memory-map: {e}", source=self.name) from e
+        return memoryview(self._map)[self._base : self._base + self.size]
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file descriptor; existing memory maps stay valid."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_source(f: Any) -> Source:
+    """Open ``f`` (path, binary file object, bytes-like) as a Source.
+
+    A file object is read from its current position; a non-seekable stream is read into
+    memory first.
+    """
+    if isinstance(f, Source):
+        return f
+    if isinstance(f, (str, os.PathLike)):
+        path = os.fspath(f)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError("no such file", source=path) from e
+        except IsADirectoryError as e:
+            raise CheckpointNotFoundError("is a directory", source=path) from e
+        except OSError as e:
+            raise StorageError(f"cannot open: {e.strerror}", source=path) from e
+        try:
+            st = os.fstat(fd)
+            import stat
+
+            if stat.S_ISDIR(st.st_mode):
+                raise CheckpointNotFoundError("is a directory", source=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Source(name=path, size=st.st_size, path=path, fd=fd)
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        view = memoryview(f).cast("B")
+        return Source(name="<bytes>", size=view.nbytes, buffer=view.toreadonly())
+    if isinstance(f, io.BytesIO):
+        pos = f.tell()
+        view = f.getbuffer()[pos:].toreadonly()
+        return Source(name="<BytesIO>", size=view.nbytes, buffer=view)
+    if hasattr(f, "read"):
+        name = str(getattr(f, "name", f"<{type(f).__name__}>"))
+        try:
+            seekable = f.seekable() if hasattr(f, "seekable") else False
+        except (OSError, ValueError):
+            seekable = False
+        if not seekable:
+            data = f.read()
+            if not isinstance(data, (bytes, bytearray)):
+                raise TorchkeepError("file object must be opened in binary mode", source=name)
+            view = memoryview(data).toreadonly()
+            return Source(name=name, size=view.nbytes, buffer=view)
+        try:
+            base = f.tell()
+            end = f.seek(0, io.SEEK_END)
+            f.seek(base)
+        except OSError as e:
+            raise StorageError(f"cannot seek: {e}", source=name) from e
+        return Source(name=name, size=end - base, stream=f, base=base)
+    raise TypeError(f"expected a path, a binary file object or bytes, got {type(f).__name__}")

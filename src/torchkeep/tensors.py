@@ -1,0 +1,340 @@
+"""THE torch boundary: placeholders and storage bytes to torch objects, and back.
+
+The only module of the file layers that imports torch. ``materialize_torch`` turns a
+parsed tree into tensors (sharing storages, zero-copy over a memory map when it can);
+``TorchDescriber`` turns torch objects into placeholders for the writers.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchkeep import dtypes
+from torchkeep.arrays import tensor_to_numpy
+from torchkeep.dtypes import DType
+from torchkeep.errors import FormatError, UnsupportedTypeError
+from torchkeep.formats.parsed import Parsed
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.loader import StorageLoader, swap_unit
+from torchkeep.tree import (
+    Device,
+    SparseRef,
+    StorageRef,
+    StorageView,
+    Symbol,
+    TensorRef,
+    map_tree,
+)
+from torchkeep.tree import Size as SizeRef
+
+__all__ = [
+    "MapLocation",
+    "TorchDescriber",
+    "TorchMaterializer",
+    "from_torch_dtype",
+    "to_torch_dtype",
+]
+
+MapLocation = (
+    None | str | torch.device | dict[str, str] | Callable[[torch.UntypedStorage, str], Any]
+)
+
+_CPU = "cpu"  # one interned object, as torch's location tagger returns
+
+
+def to_torch_dtype(dtype: DType) -> torch.dtype:
+    """The torch.dtype of a torchkeep DType."""
+    value = getattr(torch, dtype.name, None)
+    if not isinstance(value, torch.dtype):
+        raise FormatError(f"this torch ({torch.__version__}) has no dtype {dtype.name}")
+    return value
+
+
+_FROM_TORCH: dict[torch.dtype, DType] = {}
+
+
+def from_torch_dtype(dtype: torch.dtype) -> DType:
+    """The torchkeep DType of a torch.dtype."""
+    found = _FROM_TORCH.get(dtype)
+    if found is None:
+        found = dtypes.by_name(str(dtype))
+        _FROM_TORCH[dtype] = found
+    return found
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+class _Restorer:
+    """Applies ``map_location`` to each storage, as ``torch.load`` does."""
+
+    def __init__(self, map_location: MapLocation) -> None:
+        self.map_location = map_location
+        if isinstance(map_location, (str, torch.device)):
+            target = str(map_location)
+            self.fixed: str | None = target
+        else:
+            self.fixed = None
+
+    def __call__(self, storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        from torch.serialization import default_restore_location
+
+        where = self.map_location
+        if where is None:
+            target = location
+        elif self.fixed is not None:
+            target = self.fixed
+        elif isinstance(where, dict):
+            target = where.get(location, location)
+        elif callable(where):
+            result = where(storage, location)
+            if result is None:
+                target = location
+            else:
+                if isinstance(result, torch.storage.TypedStorage):
+                    result = result._untyped_storage
+                return result  # type: ignore[no-any-return]
+        else:
+            raise TypeError(f"map_location must be a str, torch.device, dict or callable, "
+                            f"got {type(where).__name__}")
+        if target == _CPU:
+            return storage
+        return default_restore_location(storage, target)
+
+    def device_of(self, location: str) -> str:
+        """Where a storage-less tensor saved at ``location`` goes."""
+        where = self.map_location
+        if where is None or (callable(where) and not isinstance(where, dict)):
+            return location
+        if self.fixed is not None:
+            return self.fixed
+        assert isinstance(where, dict)
+        return where.get(location, location)
+
+
+class TorchMaterializer:
+    """Turns a parsed file's placeholders into torch objects, one leaf or the whole tree.
+
+    Tensors that shared a storage in the file share one here. With a memory map,
+    tensor bytes are copy-on-write pages of the file: nothing is read until touched,
+    and writes never reach the file. ``map_location`` has torch.load's meaning.
+    """
+
+    def __init__(
+        self, parsed: Parsed, *, map_location: MapLocation = None, mmap: bool | None = None
+    ) -> None:
+        self.parsed = parsed
+        self.loader = StorageLoader(parsed, mmap=mmap)
+        self.restore = _Restorer(map_location)
+        self._storages: dict[str, torch.UntypedStorage] = {}
+
+    def storage(self, ref: StorageRef, unit: int) -> torch.UntypedStorage:
+        """The one torch storage of ``ref`` (created on first use, then shared)."""
+        found = self._storages.get(ref.key)
+        if found is not None:
+            return found
+        data = self.loader.view_bytes(ref, unit)
+        cpu = torch.from_numpy(data).untyped_storage() if data.nbytes else torch.UntypedStorage()
+        placed = self.restore(cpu, ref.location)
+        self._storages[ref.key] = placed
+        return placed
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor:
+        """The torch tensor a TensorRef describes."""
+        dtype = to_torch_dtype(ref.dtype)
+        if ref.storage is None:
+            device = self.restore.device_of(ref.location)
+            result = torch.empty_strided(ref.shape, ref.stride, dtype=dtype, device=device)
+        elif ref.quantizer is not None:
+            result = _quantized(ref, self.storage(ref.storage, 1), dtype, self.tensor)
+        else:
+            unit = swap_unit(ref.dtype.itemsize, ref.dtype.kind == "complex")
+            storage = self.storage(ref.storage, unit)
+            result = torch.empty((0,), dtype=dtype, device=storage.device)
+            result.set_(storage, ref.offset, ref.shape, ref.stride)
+            if ref.device is not None:
+                result = result.to(self.restore.device_of(ref.device))
+            if ref.conj or ref.neg:
+                torch._utils.set_tensor_metadata(result, {"conj": ref.conj, "neg": ref.neg})
+        if ref.parameter:
+            result = torch.nn.Parameter(result, requires_grad=ref.requires_grad)
+        elif ref.requires_grad:
+            result.requires_grad_(True)
+        if ref.attrs:
+            torch._utils._set_obj_state(result, ref.attrs)
+        return result
+
+    def convert(self, leaf: Any) -> Any:
+        """The torch value of one placeholder (other values come back unchanged)."""
+        if isinstance(leaf, TensorRef):
+            if leaf.numpy:
+                return tensor_to_numpy(self.loader, leaf)
+            return self.tensor(leaf)
+        if isinstance(leaf, SparseRef):
+            return _sparse(leaf, self.tensor)
+        if isinstance(leaf, SizeRef):
+            return torch.Size(leaf)
+        if isinstance(leaf, DType):
+            return to_torch_dtype(leaf)
+        if isinstance(leaf, Device):
+            return torch.device(str(leaf))
+        if isinstance(leaf, Symbol):
+            return _symbol(leaf)
+        if isinstance(leaf, StorageView):
+            storage = self.storage(leaf.storage, leaf.dtype.itemsize)
+            if leaf.untyped:
+                return storage
+            return torch.storage.TypedStorage(
+                wrap_storage=storage, dtype=to_torch_dtype(leaf.dtype), _internal=True
+            )
+        return leaf
+
+    def tree(self, *, limits: Limits = DEFAULT_LIMITS) -> Any:
+        """The whole tree with torch values in place of placeholders."""
+        return map_tree(self.parsed.tree, self.convert, limits=limits)
+
+
+def _symbol(leaf: Symbol) -> Any:
+    if leaf.kind == "tensortype":
+        obj: Any = torch
+        for part in leaf.name.split(".")[1:]:
+            obj = getattr(obj, part)
+        return obj
+    return getattr(torch, leaf.name)
+
+
+def _quantized(
+    ref: TensorRef,
+    storage: torch.UntypedStorage,
+    dtype: torch.dtype,
+    tensor: Callable[[TensorRef], torch.Tensor],
+) -> torch.Tensor:
+    assert ref.quantizer is not None
+    scheme = ref.quantizer[0]
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+    if scheme == "per_tensor_affine":
+        params: tuple[Any, ...] = (torch.per_tensor_affine, ref.quantizer[1], ref.quantizer[2])
+    else:
+        params = (getattr(torch, scheme), tensor(ref.quantizer[1]), tensor(ref.quantizer[2]),
+                  ref.quantizer[3])
+    return torch._utils._rebuild_qtensor(
+        typed, ref.offset, ref.shape, ref.stride, params, False, collections.OrderedDict()
+    )
+
+
+def _sparse(leaf: SparseRef, tensor: Callable[[TensorRef], torch.Tensor]) -> torch.Tensor:
+    parts = [tensor(p) for p in leaf.parts]
+    size = torch.Size(leaf.size)
+    try:
+        if leaf.layout == "sparse_coo":
+            result = torch.sparse_coo_tensor(
+                parts[0], parts[1], size, is_coalesced=leaf.coalesced, check_invariants=True
+            )
+        else:
+            make = {
+                "sparse_csr": torch.sparse_csr_tensor,
+                "sparse_csc": torch.sparse_csc_tensor,
+                "sparse_bsr": torch.sparse_bsr_tensor,
+                "sparse_bsc": torch.sparse_bsc_tensor,
+            }[leaf.layout]
+            result = make(parts[0], parts[1], parts[2], size, check_invariants=True)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise FormatError(f"invalid {leaf.layout} tensor: {e}") from e
+    return result
+
+
+# -- saving ---------------------------------------------------------------------------
+
+
+class TorchDescriber:
+    """Describes torch objects as placeholders and serves their storage bytes.
+
+    One StorageRef per distinct storage (by identity), so tensors that share a storage
+    are written once and share it again on load.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[int, StorageRef] = {}
+        self._storages: dict[int, torch.UntypedStorage] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, torch.Size):
+            return SizeRef(obj)
+        if isinstance(obj, torch.dtype):
+            return from_torch_dtype(obj)
+        if isinstance(obj, torch.device):
+            return Device(obj.type, obj.index)
+        if isinstance(obj, torch.layout):
+            return Symbol("layout", str(obj).removeprefix("torch."))
+        if isinstance(obj, torch.qscheme):
+            return Symbol("qscheme", str(obj).removeprefix("torch."))
+        if isinstance(obj, torch.storage.TypedStorage):
+            return StorageView(self.storage_ref(obj._untyped_storage, from_torch_dtype(obj.dtype)),
+                               from_torch_dtype(obj.dtype))
+        if isinstance(obj, torch.UntypedStorage):
+            uint8 = dtypes.DTYPES["uint8"]
+            return StorageView(self.storage_ref(obj, uint8), uint8, untyped=True)
+        return None
+
+    def storage_ref(self, storage: torch.UntypedStorage, dtype: DType) -> StorageRef:
+        """The one StorageRef of ``storage``."""
+        key = storage._cdata
+        ref = self._refs.get(key)
+        if ref is None:
+            device = storage.device
+            location = _CPU if device.type == "cpu" else str(device)
+            ref = StorageRef(str(len(self._refs)), dtype, storage.nbytes(), location)
+            self._refs[key] = ref
+            self._storages[id(ref)] = storage
+        return ref
+
+    def tensor(self, t: torch.Tensor) -> TensorRef:
+        """A torch tensor as a TensorRef over its (whole) storage."""
+        kind = type(t)
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter:
+            raise UnsupportedTypeError(
+                f"tensor subclass {kind.__module__}.{kind.__qualname__} is not supported; "
+                "save a plain tensor (t.as_subclass(torch.Tensor))"
+            )
+        if t.layout != torch.strided:
+            raise UnsupportedTypeError(f"{t.layout} tensors are not supported by torchkeep.save")
+        if t.is_quantized:
+            raise UnsupportedTypeError("quantized tensors are not supported by torchkeep.save")
+        if t.device.type == "meta":
+            raise UnsupportedTypeError("meta tensors have no data to save")
+        dtype = from_torch_dtype(t.dtype)
+        ref = self.storage_ref(t.untyped_storage(), dtype)
+        state = torch._utils._get_obj_state(t)
+        attrs = None
+        if state:
+            attrs = dict(state[0] or {}) | dict(state[1] or {}) if isinstance(state, tuple) \
+                else dict(state)
+        return TensorRef(
+            storage=ref,
+            dtype=dtype,
+            offset=int(t.storage_offset()),
+            shape=tuple(t.shape),
+            stride=t.stride(),
+            requires_grad=t.requires_grad,
+            parameter=isinstance(t, torch.nn.Parameter),
+            conj=t.is_conj(),
+            neg=t.is_neg(),
+            attrs=attrs or None,
+        )
+
+    def storage_bytes(self, ref: StorageRef) -> memoryview:
+        """The bytes of a storage, in native byte order (copied to CPU when needed)."""
+        storage = self._storages[id(ref)]
+        if storage.device.type != "cpu":
+            storage = storage.cpu()
+        if storage.nbytes() == 0:
+            return memoryview(b"")
+        flat = torch.empty((0,), dtype=torch.uint8).set_(storage)
+        return memoryview(flat.numpy())  # type: ignore[arg-type]
+

@@ -1,0 +1,310 @@
+"""Torch-free placeholder values a parsed checkpoint tree is made of, and walks over trees."""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torchkeep.dtypes import DType
+from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "Device",
+    "PickledObject",
+    "Size",
+    "SparseRef",
+    "StorageRef",
+    "StorageView",
+    "Symbol",
+    "TensorRef",
+    "iter_tensors",
+    "join_path",
+    "map_tree",
+]
+
+
+@dataclass(eq=False, slots=True)
+class StorageRef:
+    """One storage a checkpoint declares: which record holds it and how many bytes it has.
+
+    ``key`` names the record within its file (``"0"`` for ``data/0``, a pointer string in
+    the legacy format, a tensor name in safetensors). ``dtype`` is the dtype the storage
+    was typed as when it was pickled (uint8 for an untyped storage). A legacy view storage
+    has ``base`` set and starts ``base_offset`` bytes into it.
+    """
+
+    key: str
+    dtype: DType
+    nbytes: int
+    location: str = "cpu"
+    base: StorageRef | None = None
+    base_offset: int = 0
+
+    @property
+    def root(self) -> StorageRef:
+        """The storage that owns the bytes (itself unless this is a legacy view)."""
+        return self.base.root if self.base is not None else self
+
+
+@dataclass(eq=False, slots=True)
+class StorageView:
+    """A storage as the pickle refers to it: the storage plus the dtype it is typed as.
+
+    Appears in a tree only when a bare storage (not a tensor) was saved.
+    """
+
+    storage: StorageRef
+    dtype: DType
+    #: an ``UntypedStorage`` (its size counts bytes) rather than a typed storage
+    untyped: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class TensorRef:
+    """A tensor as a checkpoint describes it: a view (offset, shape, stride in elements)
+    of a storage, without its bytes.
+
+    ``storage`` is None for meta tensors. ``quantizer`` holds the quantization parameters
+    of a quantized tensor: ``("per_tensor_affine", scale, zero_point)`` or
+    ``("per_channel_affine", scales, zero_points, axis)`` with the two tensors as
+    TensorRefs. ``attrs`` holds Python attributes the tensor carried.
+    """
+
+    storage: StorageRef | None
+    dtype: DType
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool = False
+    parameter: bool = False
+    conj: bool = False
+    neg: bool = False
+    device: str | None = None
+    quantizer: tuple[Any, ...] | None = None
+    attrs: dict[str, Any] | None = None
+    #: a numpy array stored as a tensor record: both backends give an ndarray back
+    numpy: bool = False
+
+    @property
+    def numel(self) -> int:
+        """Number of elements in the view."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the view's elements occupy when contiguous."""
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def location(self) -> str:
+        """The device the tensor was saved from (``cpu``, ``cuda:0``, ``meta``)."""
+        if self.device is not None:
+            return self.device
+        return self.storage.location if self.storage is not None else "meta"
+
+    def is_contiguous(self) -> bool:
+        """True when the view is C-contiguous (size-1 dimensions may have any stride)."""
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def covers_storage(self) -> bool:
+        """True when the view is contiguous, starts at 0 and spans its whole storage."""
+        return (
+            self.storage is not None
+            and self.offset == 0
+            and self.is_contiguous()
+            and self.nbytes == self.storage.nbytes
+        )
+
+    def with_(self, **changes: Any) -> TensorRef:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+class Size(tuple[int, ...]):
+    """Torch-free stand-in for ``torch.Size``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"torchkeep.Size({list(self)!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """Torch-free stand-in for ``torch.device``."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    def __repr__(self) -> str:
+        return f"torchkeep.device({str(self)!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    """A named torch constant with no data: a layout (``torch.sparse_coo``), a qscheme."""
+
+    kind: str
+    name: str
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+@dataclass(eq=False, slots=True)
+class SparseRef:
+    """A sparse tensor: its layout, its component tensors and its dense size."""
+
+    layout: str
+    parts: tuple[Any, ...]
+    size: tuple[int, ...]
+    coalesced: bool | None = None
+    requires_grad: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class PickledObject:
+    """An object of a global the caller allowed by name only: what the pickle said, inert.
+
+    Nothing is imported or called to build it. ``args`` are the constructor arguments,
+    ``state`` the BUILD state, ``items`` what SETITEM/APPEND added.
+    """
+
+    module: str
+    name: str
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    items: list[Any] = field(default_factory=list)
+
+    @property
+    def qualname(self) -> str:
+        """``module.name`` of the global."""
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"PickledObject({self.qualname}, args={self.args!r}, state={self.state!r})"
+
+
+def join_path(path: tuple[Any, ...]) -> str:
+    """The ``/``-joined display name of a tree path."""
+    return "/".join(str(p) for p in path)
+
+
+def iter_tensors(
+    tree: Any, *, limits: Limits = DEFAULT_LIMITS
+) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Yield ``(path, leaf)`` for every TensorRef / SparseRef in ``tree``, in tree order.
+
+    A leaf reached twice (tied weights) is yielded at each path. Cycles and nesting deeper
+    than ``limits.max_depth`` raise FormatError.
+    """
+    budget = [limits.max_tree_nodes]
+    active: set[int] = set()
+
+    def walk(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+        budget[0] -= 1
+        if budget[0] < 0:
+            limits.check("max_tree_nodes", limits.max_tree_nodes + 1, "objects in the tree")
+        if isinstance(obj, (TensorRef, SparseRef)):
+            yield path, obj
+            return
+        if isinstance(obj, (dict, list, tuple)) and obj:
+            if len(path) >= limits.max_depth:
+                limits.check("max_depth", len(path) + 1, "nesting depth")
+            if id(obj) in active:
+                raise CorruptCheckpointError(f"the object tree has a cycle at {join_path(path)!r}")
+            active.add(id(obj))
+            try:
+                items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+                for key, value in items:
+                    yield from walk(value, (*path, key))
+            finally:
+                active.discard(id(obj))
+
+    yield from walk(tree, ())
+
+
+def map_tree(tree: Any, leaf: Callable[[Any], Any], *, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Rebuild ``tree`` with every placeholder replaced by ``leaf(placeholder)``.
+
+    Containers are rebuilt (never mutated), shared sub-trees stay shared, and the same
+    placeholder object maps to the same result object, so tied weights stay tied.
+    ``leaf`` is called for TensorRef, SparseRef, Size, Device, Symbol, DType and
+    PickledObject values; other scalars are kept. OrderedDict ``_metadata`` survives.
+    Cycles and nesting deeper than ``limits.max_depth`` raise FormatError.
+    """
+    done: dict[int, Any] = {}
+    active: set[int] = set()
+    keep: list[Any] = []  # keeps ids in ``done`` valid for the whole walk
+
+    def walk(obj: Any, depth: int) -> Any:
+        kind = type(obj)
+        if kind in _SCALARS:
+            return obj
+        oid = id(obj)
+        hit = done.get(oid, _MISSING)
+        if hit is not _MISSING:
+            return hit
+        if isinstance(obj, _LEAVES):
+            result = leaf(obj)
+        elif kind in _CONTAINERS or isinstance(obj, (dict, list, tuple)):
+            if depth >= limits.max_depth:
+                limits.check("max_depth", depth + 1, "nesting depth")
+            if oid in active:
+                raise CorruptCheckpointError("the object tree has a cycle")
+            active.add(oid)
+            try:
+                result = _rebuild_container(obj, lambda v: walk(v, depth + 1))
+            finally:
+                active.discard(oid)
+        else:
+            return obj
+        done[oid] = result
+        keep.append(obj)
+        return result
+
+    return walk(tree, 0)
+
+
+def _rebuild_container(obj: Any, convert: Callable[[Any], Any]) -> Any:
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: convert(v) for k, v in obj.items()}
+        if isinstance(obj, collections.OrderedDict):
+            new: Any = collections.OrderedDict((k, convert(v)) for k, v in obj.items())
+            meta = getattr(obj, "_metadata", None)
+            if meta is not None:
+                new._metadata = meta
+            for name, value in vars(obj).items():
+                if name != "_metadata":
+                    setattr(new, name, convert(value))
+            return new
+        if isinstance(obj, collections.Counter):
+            return collections.Counter({k: convert(v) for k, v in obj.items()})
+        return {k: convert(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [convert(v) for v in obj]
+    if isinstance(obj, tuple):
+        values = [convert(v) for v in obj]
+        if hasattr(obj, "_fields"):  # a namedtuple
+            return type(obj)(*values)
+        return tuple(values)
+    raise FormatError(f"cannot rebuild container of type {type(obj).__name__}")
+
+
+_MISSING = object()
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
+_CONTAINERS = frozenset({dict, list, tuple, collections.OrderedDict})
+_LEAVES = (TensorRef, SparseRef, StorageView, Size, Device, Symbol, DType, PickledObject)

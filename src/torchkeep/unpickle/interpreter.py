@@ -1,0 +1,784 @@
+"""A pickle opcode interpreter that builds data, never imports, and calls only allowlisted code.
+
+It reads every opcode of protocols 0-5, but what an opcode may *do* is restricted:
+GLOBAL / STACK_GLOBAL / INST resolve names through an ``Allowlist`` (which never imports);
+REDUCE / NEWOBJ / OBJ call only allowlist entries; BUILD, SETITEM(S), APPEND(S) and
+ADDITEMS act only on the container types they are meant for; EXT codes and out-of-band
+buffers are refused. Storages arrive through ``persistent_load`` as placeholders.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from torchkeep.errors import CorruptCheckpointError, FormatError, TorchkeepError
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.unpickle.allowlist import Allowlist, Entry, Pending, build
+
+__all__ = ["PickleResult", "unpickle"]
+
+_unpack_i = struct.Struct("<i").unpack_from
+_unpack_I = struct.Struct("<I").unpack_from
+_unpack_H = struct.Struct("<H").unpack_from
+_unpack_Q = struct.Struct("<Q").unpack_from
+_unpack_d = struct.Struct(">d").unpack_from
+
+_HASHABLE_LEAVES = (int, float, str, bytes, bool, type(None), complex)
+
+
+class _Mark:
+    __slots__ = ()
+
+
+class PickleResult:
+    """What one pickle stream produced, and where it ended in the input."""
+
+    __slots__ = ("end", "value")
+
+    def __init__(self, value: Any, end: int) -> None:
+        self.value = value
+        self.end = end
+
+
+class _Machine:
+    """State of one run; handlers are plain functions indexed by opcode byte."""
+
+    __slots__ = (
+        "allowlist",
+        "data",
+        "end",
+        "last_put",
+        "limits",
+        "memo",
+        "metastack",
+        "op_pos",
+        "persistent_load",
+        "pos",
+        "stack",
+        "what",
+    )
+
+    def __init__(
+        self,
+        data: bytes,
+        start: int,
+        end: int,
+        allowlist: Allowlist,
+        persistent_load: Callable[[Any], Any] | None,
+        limits: Limits,
+        what: str,
+    ) -> None:
+        self.data = data
+        self.pos = start
+        self.end = end
+        self.op_pos = start
+        self.allowlist = allowlist
+        self.persistent_load = persistent_load
+        self.limits = limits
+        self.what = what
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.last_put = -1
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def fail(self, message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.what} offset {self.op_pos}: {message}")
+
+    def take(self, n: int) -> bytes:
+        pos = self.pos
+        if n < 0 or pos + n > self.end:
+            raise self.fail(f"truncated: needs {n} bytes, {self.end - pos} left")
+        self.pos = pos + n
+        return self.data[pos : pos + n]
+
+    def line(self) -> bytes:
+        nl = self.data.find(b"\n", self.pos, self.end)
+        if nl < 0:
+            raise self.fail("truncated: text argument without newline")
+        text = self.data[self.pos : nl]
+        self.pos = nl + 1
+        return text
+
+    def pop_mark(self) -> list[Any]:
+        if not self.metastack:
+            raise self.fail("MARK expected but the stack has none")
+        items = self.stack
+        self.stack = self.metastack.pop()
+        return items
+
+    def check_int_size(self, n: int) -> None:
+        if n > self.limits.max_int_bytes:
+            self.limits.check("max_int_bytes", n, f"{self.what}: integer literal bytes")
+
+    def key(self, k: Any) -> Any:
+        """Validate a dict key or set member: hashable, and shallow enough to hash safely."""
+        if type(k) in _HASHABLE_LEAVES:
+            return k
+        if isinstance(k, (tuple, frozenset)):
+            todo: list[tuple[Any, int]] = [(k, 1)]
+            seen = 0
+            while todo:
+                obj, depth = todo.pop()
+                seen += 1
+                if depth > self.limits.max_depth or seen > 100_000:
+                    raise self.fail("dict key nested too deeply to hash safely")
+                for item in obj:
+                    if isinstance(item, (tuple, frozenset)):
+                        todo.append((item, depth + 1))
+                    elif not isinstance(item, _HASHABLE_LEAVES) and not _identity_hashed(item):
+                        raise self.fail(f"unhashable dict key element {type(item).__name__}")
+            return k
+        if _identity_hashed(k):
+            return k
+        raise self.fail(f"unhashable dict key of type {type(k).__name__}")
+
+    def put(self, index: int) -> None:
+        if not self.stack:
+            raise self.fail("memo PUT with an empty stack")
+        self.memo[index] = self.stack[-1]
+        self.last_put = index
+
+    def get(self, index: int) -> None:
+        try:
+            self.stack.append(self.memo[index])
+        except KeyError:
+            raise self.fail(f"memo GET of undefined index {index}") from None
+
+    def call(self, func: Any, args: Any, how: str) -> Any:
+        if not isinstance(func, Entry):
+            raise self.fail(f"{how} on a {type(func).__name__}, not an allowed callable")
+        if type(args) is not tuple:
+            raise self.fail(f"{how} arguments must be a tuple, got {type(args).__name__}")
+        fn = func.new if how == "NEWOBJ" else func.call
+        if fn is None:
+            raise self.fail(f"{func.qualname} cannot be used with {how}")
+        try:
+            return fn(self, args)
+        except TorchkeepError:
+            raise
+        except (TypeError, ValueError, OverflowError, IndexError, KeyError) as e:
+            raise self.fail(f"bad arguments for {func.qualname}: {e}") from e
+
+
+def _identity_hashed(obj: Any) -> bool:
+    return getattr(type(obj), "__hash__", None) is object.__hash__ or isinstance(obj, Entry)
+
+
+# -- opcode handlers ----------------------------------------------------------------------
+
+Handler = Callable[[_Machine], Any]
+_HANDLERS: list[Handler | None] = [None] * 256
+_STOP = object()
+
+
+def _op(code: bytes) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[code[0]] = fn
+        return fn
+
+    return register
+
+
+@_op(b"\x80")  # PROTO
+def _proto(m: _Machine) -> None:
+    version = m.take(1)[0]
+    if version > 5:
+        raise m.fail(f"unsupported pickle protocol {version}")
+
+
+@_op(b"\x95")  # FRAME
+def _frame(m: _Machine) -> None:
+    (size,) = _unpack_Q(m.take(8))
+    if size > m.end - m.pos:
+        raise m.fail("truncated: FRAME longer than the rest of the stream")
+
+
+@_op(b".")  # STOP
+def _stop(m: _Machine) -> object:
+    return _STOP
+
+
+@_op(b"(")  # MARK
+def _mark(m: _Machine) -> None:
+    m.metastack.append(m.stack)
+    m.stack = []
+    if len(m.metastack) > m.limits.max_depth:
+        m.limits.check("max_depth", len(m.metastack), f"{m.what}: MARK nesting")
+
+
+@_op(b"0")  # POP
+def _pop(m: _Machine) -> None:
+    if m.stack:
+        m.stack.pop()
+    else:
+        m.pop_mark()
+
+
+@_op(b"1")  # POP_MARK
+def _pop_mark(m: _Machine) -> None:
+    m.pop_mark()
+
+
+@_op(b"2")  # DUP
+def _dup(m: _Machine) -> None:
+    m.stack.append(m.stack[-1])
+
+
+# -- scalars --
+
+
+@_op(b"N")
+def _none(m: _Machine) -> None:
+    m.stack.append(None)
+
+
+@_op(b"\x88")
+def _true(m: _Machine) -> None:
+    m.stack.append(True)
+
+
+@_op(b"\x89")
+def _false(m: _Machine) -> None:
+    m.stack.append(False)
+
+
+@_op(b"K")  # BININT1
+def _binint1(m: _Machine) -> None:
+    pos = m.pos
+    if pos >= m.end:
+        raise m.fail("truncated")
+    m.stack.append(m.data[pos])
+    m.pos = pos + 1
+
+
+@_op(b"M")  # BININT2
+def _binint2(m: _Machine) -> None:
+    m.stack.append(_unpack_H(m.take(2))[0])
+
+
+@_op(b"J")  # BININT
+def _binint(m: _Machine) -> None:
+    m.stack.append(_unpack_i(m.take(4))[0])
+
+
+@_op(b"\x8a")  # LONG1
+def _long1(m: _Machine) -> None:
+    n = m.take(1)[0]
+    m.stack.append(int.from_bytes(m.take(n), "little", signed=True))
+
+
+@_op(b"\x8b")  # LONG4
+def _long4(m: _Machine) -> None:
+    (n,) = _unpack_i(m.take(4))
+    if n < 0:
+        raise m.fail("LONG4 with a negative length")
+    m.check_int_size(n)
+    m.stack.append(int.from_bytes(m.take(n), "little", signed=True))
+
+
+@_op(b"I")  # INT (text)
+def _int(m: _Machine) -> None:
+    text = m.line()
+    m.check_int_size(len(text) // 2)
+    if text == b"00":
+        m.stack.append(False)
+    elif text == b"01":
+        m.stack.append(True)
+    else:
+        try:
+            m.stack.append(int(text))
+        except ValueError:
+            raise m.fail("INT with a malformed number") from None
+
+
+@_op(b"L")  # LONG (text)
+def _long(m: _Machine) -> None:
+    text = m.line()
+    m.check_int_size(len(text) // 2)
+    try:
+        m.stack.append(int(text.removesuffix(b"L")))
+    except ValueError:
+        raise m.fail("LONG with a malformed number") from None
+
+
+@_op(b"G")  # BINFLOAT
+def _binfloat(m: _Machine) -> None:
+    m.stack.append(_unpack_d(m.take(8))[0])
+
+
+@_op(b"F")  # FLOAT (text)
+def _float(m: _Machine) -> None:
+    text = m.line()
+    try:
+        m.stack.append(float(text))
+    except ValueError:
+        raise m.fail("FLOAT with a malformed number") from None
+
+
+# -- strings and bytes --
+
+
+def _push_text(m: _Machine, raw: bytes) -> None:
+    try:
+        m.stack.append(raw.decode("utf-8", "surrogatepass"))
+    except UnicodeDecodeError:
+        raise m.fail("string is not valid UTF-8") from None
+
+
+@_op(b"X")  # BINUNICODE
+def _binunicode(m: _Machine) -> None:
+    (n,) = _unpack_I(m.take(4))
+    _push_text(m, m.take(n))
+
+
+@_op(b"\x8c")  # SHORT_BINUNICODE
+def _short_binunicode(m: _Machine) -> None:
+    _push_text(m, m.take(m.take(1)[0]))
+
+
+@_op(b"\x8d")  # BINUNICODE8
+def _binunicode8(m: _Machine) -> None:
+    (n,) = _unpack_Q(m.take(8))
+    _push_text(m, m.take(n))
+
+
+@_op(b"V")  # UNICODE (raw-unicode-escape text)
+def _unicode(m: _Machine) -> None:
+    try:
+        m.stack.append(m.line().decode("raw-unicode-escape"))
+    except UnicodeDecodeError:
+        raise m.fail("malformed UNICODE string") from None
+
+
+def _push_py2_string(m: _Machine, raw: bytes) -> None:
+    # Python 2 ``str``: text when it decodes as UTF-8 (torch's default encoding), else bytes.
+    try:
+        m.stack.append(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        m.stack.append(raw)
+
+
+@_op(b"U")  # SHORT_BINSTRING
+def _short_binstring(m: _Machine) -> None:
+    _push_py2_string(m, m.take(m.take(1)[0]))
+
+
+@_op(b"T")  # BINSTRING
+def _binstring(m: _Machine) -> None:
+    (n,) = _unpack_i(m.take(4))
+    if n < 0:
+        raise m.fail("BINSTRING with a negative length")
+    _push_py2_string(m, m.take(n))
+
+
+@_op(b"S")  # STRING (quoted repr)
+def _string(m: _Machine) -> None:
+    text = m.line()
+    if len(text) < 2 or text[0] != text[-1] or text[:1] not in (b'"', b"'"):
+        raise m.fail("STRING argument is not quoted")
+    try:
+        raw = codecs.escape_decode(text[1:-1])[0]
+    except ValueError:
+        raise m.fail("malformed STRING escape") from None
+    _push_py2_string(m, raw)
+
+
+@_op(b"C")  # SHORT_BINBYTES
+def _short_binbytes(m: _Machine) -> None:
+    m.stack.append(m.take(m.take(1)[0]))
+
+
+@_op(b"B")  # BINBYTES
+def _binbytes(m: _Machine) -> None:
+    (n,) = _unpack_I(m.take(4))
+    m.stack.append(m.take(n))
+
+
+@_op(b"\x8e")  # BINBYTES8
+def _binbytes8(m: _Machine) -> None:
+    (n,) = _unpack_Q(m.take(8))
+    m.stack.append(m.take(n))
+
+
+@_op(b"\x96")  # BYTEARRAY8
+def _bytearray8(m: _Machine) -> None:
+    (n,) = _unpack_Q(m.take(8))
+    m.stack.append(bytearray(m.take(n)))
+
+
+@_op(b"\x97")  # NEXT_BUFFER
+def _next_buffer(m: _Machine) -> None:
+    raise m.fail("out-of-band buffers (NEXT_BUFFER) are not part of any checkpoint format")
+
+
+@_op(b"\x98")  # READONLY_BUFFER
+def _readonly_buffer(m: _Machine) -> None:
+    raise m.fail("out-of-band buffers (READONLY_BUFFER) are not part of any checkpoint format")
+
+
+# -- containers --
+
+
+@_op(b")")
+def _empty_tuple(m: _Machine) -> None:
+    m.stack.append(())
+
+
+@_op(b"t")  # TUPLE
+def _tuple(m: _Machine) -> None:
+    items = tuple(m.pop_mark())
+    m.stack.append(items)
+
+
+@_op(b"\x85")
+def _tuple1(m: _Machine) -> None:
+    m.stack[-1] = (m.stack[-1],)
+
+
+@_op(b"\x86")
+def _tuple2(m: _Machine) -> None:
+    stack = m.stack
+    b = stack.pop()
+    stack[-1] = (stack[-1], b)
+
+
+@_op(b"\x87")
+def _tuple3(m: _Machine) -> None:
+    stack = m.stack
+    c = stack.pop()
+    b = stack.pop()
+    stack[-1] = (stack[-1], b, c)
+
+
+@_op(b"]")
+def _empty_list(m: _Machine) -> None:
+    m.stack.append([])
+
+
+@_op(b"l")  # LIST
+def _list(m: _Machine) -> None:
+    items = m.pop_mark()
+    m.stack.append(items)
+
+
+@_op(b"}")
+def _empty_dict(m: _Machine) -> None:
+    m.stack.append({})
+
+
+@_op(b"d")  # DICT
+def _dict(m: _Machine) -> None:
+    items = m.pop_mark()
+    if len(items) % 2:
+        raise m.fail("DICT with an odd number of items")
+    result = {m.key(items[i]): items[i + 1] for i in range(0, len(items), 2)}
+    m.stack.append(result)
+
+
+@_op(b"\x8f")
+def _empty_set(m: _Machine) -> None:
+    m.stack.append(set())
+
+
+@_op(b"\x91")  # FROZENSET
+def _frozenset(m: _Machine) -> None:
+    items = m.pop_mark()
+    result = frozenset(m.key(k) for k in items)
+    m.stack.append(result)
+
+
+def _append_target(m: _Machine, target: Any, items: list[Any]) -> None:
+    if type(target) is list:
+        target.extend(items)
+    else:
+        m.allowlist.extend_items(m, target, items)
+
+
+@_op(b"a")  # APPEND
+def _append(m: _Machine) -> None:
+    value = m.stack.pop()
+    _append_target(m, m.stack[-1], [value])
+
+
+@_op(b"e")  # APPENDS
+def _appends(m: _Machine) -> None:
+    items = m.pop_mark()
+    _append_target(m, m.stack[-1], items)
+
+
+def _setitems(m: _Machine, target: Any, items: list[Any]) -> None:
+    if len(items) % 2:
+        raise m.fail("SETITEMS with an odd number of items")
+    kind = type(target)
+    if kind is dict or kind is collections.OrderedDict or kind is collections.Counter:
+        key = m.key
+        for i in range(0, len(items), 2):
+            target[key(items[i])] = items[i + 1]
+    else:
+        m.allowlist.set_items(m, target, items)
+
+
+@_op(b"s")  # SETITEM
+def _setitem(m: _Machine) -> None:
+    stack = m.stack
+    value = stack.pop()
+    key = stack.pop()
+    target = stack[-1]
+    if type(target) is dict:
+        target[m.key(key)] = value
+    else:
+        _setitems(m, target, [key, value])
+
+
+@_op(b"u")  # SETITEMS
+def _setitems_op(m: _Machine) -> None:
+    items = m.pop_mark()
+    _setitems(m, m.stack[-1], items)
+
+
+@_op(b"\x90")  # ADDITEMS
+def _additems(m: _Machine) -> None:
+    items = m.pop_mark()
+    target = m.stack[-1]
+    if type(target) is not set:
+        raise m.fail(f"ADDITEMS on a {type(target).__name__}, not a set")
+    for item in items:
+        target.add(m.key(item))
+
+
+# -- memo --
+
+
+@_op(b"q")  # BINPUT
+def _binput(m: _Machine) -> None:
+    pos = m.pos
+    if pos >= m.end:
+        raise m.fail("truncated")
+    m.pos = pos + 1
+    index = m.data[pos]
+    m.memo[index] = m.stack[-1]
+    m.last_put = index
+
+
+@_op(b"r")  # LONG_BINPUT
+def _long_binput(m: _Machine) -> None:
+    m.put(_unpack_I(m.take(4))[0])
+
+
+@_op(b"p")  # PUT
+def _put(m: _Machine) -> None:
+    try:
+        index = int(m.line())
+    except ValueError:
+        raise m.fail("PUT with a malformed index") from None
+    m.put(index)
+
+
+@_op(b"\x94")  # MEMOIZE
+def _memoize(m: _Machine) -> None:
+    m.put(len(m.memo))
+
+
+@_op(b"h")  # BINGET
+def _binget(m: _Machine) -> None:
+    pos = m.pos
+    if pos >= m.end:
+        raise m.fail("truncated")
+    m.pos = pos + 1
+    m.get(m.data[pos])
+
+
+@_op(b"j")  # LONG_BINGET
+def _long_binget(m: _Machine) -> None:
+    m.get(_unpack_I(m.take(4))[0])
+
+
+@_op(b"g")  # GET
+def _get(m: _Machine) -> None:
+    try:
+        index = int(m.line())
+    except ValueError:
+        raise m.fail("GET with a malformed index") from None
+    m.get(index)
+
+
+# -- globals, calls, objects --
+
+
+def _text_global(m: _Machine) -> tuple[str, str]:
+    try:
+        module = m.line().decode("utf-8")
+        name = m.line().decode("utf-8")
+    except UnicodeDecodeError:
+        raise m.fail("GLOBAL name is not valid UTF-8") from None
+    return module, name
+
+
+@_op(b"c")  # GLOBAL
+def _global(m: _Machine) -> None:
+    module, name = _text_global(m)
+    m.stack.append(m.allowlist.resolve(m, module, name))
+
+
+@_op(b"\x93")  # STACK_GLOBAL
+def _stack_global(m: _Machine) -> None:
+    name = m.stack.pop()
+    module = m.stack.pop()
+    if type(module) is not str or type(name) is not str:
+        raise m.fail("STACK_GLOBAL operands must be strings")
+    m.stack.append(m.allowlist.resolve(m, module, name))
+
+
+@_op(b"R")  # REDUCE
+def _reduce(m: _Machine) -> None:
+    stack = m.stack
+    args = stack.pop()
+    stack[-1] = m.call(stack[-1], args, "REDUCE")
+
+
+@_op(b"\x81")  # NEWOBJ
+def _newobj(m: _Machine) -> None:
+    stack = m.stack
+    args = stack.pop()
+    stack[-1] = m.call(stack[-1], args, "NEWOBJ")
+
+
+@_op(b"\x92")  # NEWOBJ_EX
+def _newobj_ex(m: _Machine) -> None:
+    stack = m.stack
+    kwargs = stack.pop()
+    args = stack.pop()
+    if kwargs:
+        raise m.fail("NEWOBJ_EX with keyword arguments is not supported")
+    stack[-1] = m.call(stack[-1], args, "NEWOBJ")
+
+
+@_op(b"i")  # INST: GLOBAL + call with the marked items
+def _inst(m: _Machine) -> None:
+    module, name = _text_global(m)
+    args = tuple(m.pop_mark())
+    result = m.call(m.allowlist.resolve(m, module, name), args, "REDUCE")
+    m.stack.append(result)
+
+
+@_op(b"o")  # OBJ: call the first marked item with the rest
+def _obj(m: _Machine) -> None:
+    items = m.pop_mark()
+    if not items:
+        raise m.fail("OBJ without a class")
+    result = m.call(items[0], tuple(items[1:]), "REDUCE")
+    m.stack.append(result)
+
+
+@_op(b"b")  # BUILD
+def _build(m: _Machine) -> None:
+    state = m.stack.pop()
+    target = m.stack[-1]
+    result = build(m, target, state)
+    if result is not target:
+        # A pending object (numpy array / dtype) was finished: replace it everywhere
+        # the stream could already refer to it (the stack top and its memo slot).
+        m.stack[-1] = result
+        memo = m.memo
+        if memo.get(m.last_put) is target:
+            memo[m.last_put] = result
+        else:
+            for index, value in memo.items():
+                if value is target:
+                    memo[index] = result
+
+
+@_op(b"Q")  # BINPERSID
+def _binpersid(m: _Machine) -> None:
+    pid = m.stack.pop()
+    m.stack.append(_persistent(m, pid))
+
+
+@_op(b"P")  # PERSID (text)
+def _persid(m: _Machine) -> None:
+    try:
+        pid = m.line().decode("ascii")
+    except UnicodeDecodeError:
+        raise m.fail("PERSID is not ASCII") from None
+    m.stack.append(_persistent(m, pid))
+
+
+def _persistent(m: _Machine, pid: Any) -> Any:
+    if m.persistent_load is None:
+        raise m.fail("persistent id in a stream that has no storages")
+    try:
+        return m.persistent_load(pid)
+    except TorchkeepError as e:
+        raise m.fail(e.reason) from e
+
+
+def _ext(m: _Machine, size: int) -> None:
+    code = int.from_bytes(m.take(size), "little")
+    from torchkeep.errors import UnsafeCheckpointError
+
+    raise UnsafeCheckpointError(
+        f"{m.what} offset {m.op_pos}: EXT{size} extension code {code} names a global "
+        "through the copyreg extension registry; torchkeep never resolves those",
+        global_name=f"<extension {code}>",
+    )
+
+
+_HANDLERS[0x82] = lambda m: _ext(m, 1)  # EXT1
+_HANDLERS[0x83] = lambda m: _ext(m, 2)  # EXT2
+_HANDLERS[0x84] = lambda m: _ext(m, 4)  # EXT4
+
+
+def unpickle(
+    data: bytes,
+    *,
+    allowlist: Allowlist,
+    persistent_load: Callable[[Any], Any] | None = None,
+    start: int = 0,
+    end: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    what: str = "pickle",
+) -> PickleResult:
+    """Interpret one pickle stream of ``data[start:end]`` and return its value and end offset.
+
+    Raises CorruptCheckpointError for malformed streams, UnsafeCheckpointError for globals
+    outside ``allowlist`` and LimitExceededError when a limit is hit; never executes code
+    named by the stream.
+    """
+    end = len(data) if end is None else end
+    limits.check("max_pickle_bytes", end - start, f"{what} size")
+    m = _Machine(data, start, end, allowlist, persistent_load, limits, what)
+    handlers = _HANDLERS
+    try:
+        while True:
+            pos = m.pos
+            if pos >= end:
+                m.op_pos = pos
+                raise m.fail("truncated: the stream ends without STOP")
+            m.op_pos = pos
+            m.pos = pos + 1
+            handler = handlers[data[pos]]
+            if handler is None:
+                raise m.fail(f"unknown opcode 0x{data[pos]:02x}")
+            if handler(m) is _STOP:
+                break
+    except (IndexError, KeyError, TypeError, AttributeError) as e:
+        # stack underflow, unhashable keys and the like: structural corruption
+        raise m.fail(f"malformed stream ({type(e).__name__}: {e})") from e
+    except RecursionError as e:
+        raise m.fail("structure nested too deeply") from e
+    except MemoryError as e:
+        raise m.fail("ran out of memory building the stream's objects") from e
+    except FormatError:
+        raise
+    if not m.stack:
+        raise m.fail("STOP with an empty stack")
+    value = m.stack.pop()
+    if isinstance(value, Pending):
+        raise m.fail("the stream's result is an unfinished object")
+    return PickleResult(value, m.pos)
