@@ -130,6 +130,7 @@ def read_torch_zip(
         records[key] = _record(archive, rec)
         return StorageView(ref, storage_class.dtype, storage_class.untyped)
 
+    limits.check("max_pickle_bytes", data_pkl.size, f"{data_pkl.name} size")
     result = unpickle(
         archive.read(data_pkl.name),
         allowlist=allowlist,

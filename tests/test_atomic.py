@@ -1,0 +1,154 @@
+"""Saving to a path is all or nothing: every failure leaves the old file and no debris."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+
+import pytest
+import torch
+
+import torchkeep
+from torchkeep.errors import StorageError, UnsupportedTypeError
+from torchkeep.storage import atomic
+
+
+def _debris(folder: os.PathLike[str]) -> list[str]:
+    return [n for n in os.listdir(folder) if atomic.TMP_MARKER in n]
+
+
+@pytest.fixture
+def existing(tmp_path):
+    path = tmp_path / "model.pt"
+    torchkeep.save({"w": torch.ones(3)}, path)
+    return path
+
+
+def _fail_on_call(n: int, exc: BaseException):
+    calls = {"n": 0}
+
+    def hook(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= n:
+            raise exc
+        return None
+
+    return hook, calls
+
+
+@pytest.mark.parametrize("where", ["write1", "write2", "write3", "fsync", "replace", "interrupt"])
+def test_failure_keeps_the_old_file(existing, monkeypatch, where: str) -> None:
+    before = existing.read_bytes()
+    real_write, real_fsync, real_replace = os.write, os.fsync, os.replace
+    if where.startswith("write"):
+        state = {"n": 0}
+
+        def write(fd, data):
+            state["n"] += 1
+            if state["n"] == int(where[-1]):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+        expected: type[BaseException] = StorageError
+    elif where == "fsync":
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+        expected = StorageError
+    elif where == "replace":
+        monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+        expected = StorageError
+    else:
+        def interrupted(fd, data):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "write", interrupted)
+        expected = KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        torchkeep.save({"w": torch.zeros(100_000), "b": torch.ones(100_000)}, existing)
+    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert existing.read_bytes() == before
+    assert _debris(existing.parent) == []
+    if expected is StorageError:
+        assert str(existing) in str(info.value)
+        assert isinstance(info.value, OSError)
+
+
+def test_enospc_names_the_cause(existing, monkeypatch) -> None:
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StorageError, match="No space left"):
+        torchkeep.save({"w": torch.ones(10)}, existing)
+
+
+def test_unsupported_object_leaves_no_trace(existing) -> None:
+    before = existing.read_bytes()
+    with pytest.raises(UnsupportedTypeError, match=r"obj\['model'\]\['head'\]: unsupported type"):
+        torchkeep.save({"model": {"head": object()}}, existing)
+    assert existing.read_bytes() == before
+    assert _debris(existing.parent) == []
+
+
+def test_new_file_appears_only_complete(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "new.pt"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    with pytest.raises(StorageError):
+        torchkeep.save({"w": torch.ones(3)}, path)
+    assert not path.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_replacement_keeps_permissions(existing) -> None:
+    os.chmod(existing, 0o640)
+    torchkeep.save({"w": torch.zeros(3)}, existing)
+    assert os.stat(existing).st_mode & 0o777 == 0o640
+
+
+def test_new_file_mode_follows_umask(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        torchkeep.save({"w": torch.zeros(3)}, tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.pt").st_mode & 0o777 == 0o644
+
+
+def test_symlink_target_is_replaced(existing, tmp_path) -> None:
+    link = tmp_path / "latest.pt"
+    link.symlink_to(existing.name)
+    torchkeep.save({"w": torch.full((2,), 7.0)}, link)
+    assert link.is_symlink()
+    assert torch.equal(torch.load(existing, weights_only=True)["w"], torch.full((2,), 7.0))
+
+
+def test_not_durable_still_atomic(tmp_path, monkeypatch) -> None:
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    torchkeep.save({"w": torch.ones(2)}, tmp_path / "a.pt",
+                   options=torchkeep.SaveOptions(durable=False))
+    assert calls == []
+    torchkeep.save({"w": torch.ones(2)}, tmp_path / "b.pt")
+    assert len(calls) == 2  # the file, then its folder
+
+
+class _WriteOnly:
+    """A non-seekable sink, like a pipe or a socket."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch-legacy", "safetensors"])
+def test_streams_need_no_seek(fmt: str) -> None:
+    sink = _WriteOnly()
+    torchkeep.save({"w": torch.arange(4.0)}, sink, format=fmt)
+    out = torchkeep.load(sink.buffer.getvalue())
+    assert torch.equal(out["w"], torch.arange(4.0))

@@ -1,0 +1,44 @@
+"""The public surface is a tested artefact: one sorted __all__, everything in it exists."""
+
+from __future__ import annotations
+
+import inspect
+
+import torchkeep
+import torchkeep.errors as errors
+
+
+def test_all_is_sorted_and_complete() -> None:
+    names = torchkeep.__all__
+    assert names == sorted(names)
+    for name in names:
+        assert hasattr(torchkeep, name), name
+    public = {
+        n for n, v in vars(torchkeep).items()
+        if not n.startswith("_") and not inspect.ismodule(v) and n != "annotations"
+    }
+    assert public - set(names) == set()
+
+
+def test_every_error_subclasses_a_builtin_and_the_base() -> None:
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.TorchkeepError)
+        if cls is not errors.TorchkeepError:
+            builtin_bases = [b for b in cls.__mro__ if b.__module__ == "builtins"
+                             and b not in (object, BaseException, Exception)]
+            assert builtin_bases, f"{name} subclasses no builtin"
+        assert isinstance(cls.exit_code, int)
+
+
+def test_error_tree_is_documented_in_one_place() -> None:
+    doc = errors.__doc__ or ""
+    for name in errors.__all__:
+        assert name in doc, f"{name} missing from the tree in errors.py's docstring"
+
+
+def test_public_callables_have_docstrings() -> None:
+    for name in torchkeep.__all__:
+        obj = getattr(torchkeep, name)
+        if callable(obj):
+            assert inspect.getdoc(obj), name
