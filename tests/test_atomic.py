@@ -25,16 +25,11 @@ def existing(tmp_path):
     return path
 
 
-def _fail_on_call(n: int, exc: BaseException):
-    calls = {"n": 0}
-
+def _raiser(exc: BaseException):
     def hook(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] >= n:
-            raise exc
-        return None
+        raise exc
 
-    return hook, calls
+    return hook
 
 
 @pytest.mark.parametrize("where", ["write1", "write2", "write3", "fsync", "replace", "interrupt"])
@@ -53,10 +48,10 @@ def test_failure_keeps_the_old_file(existing, monkeypatch, where: str) -> None:
         monkeypatch.setattr(os, "write", write)
         expected: type[BaseException] = StorageError
     elif where == "fsync":
-        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+        monkeypatch.setattr(os, "fsync", _raiser(OSError(errno.EIO, "EIO")))
         expected = StorageError
     elif where == "replace":
-        monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+        monkeypatch.setattr(os, "replace", _raiser(OSError(errno.EXDEV, "x")))
         expected = StorageError
     else:
         def interrupted(fd, data):
@@ -95,7 +90,7 @@ def test_unsupported_object_leaves_no_trace(existing) -> None:
 
 def test_new_file_appears_only_complete(tmp_path, monkeypatch) -> None:
     path = tmp_path / "new.pt"
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+    monkeypatch.setattr(os, "fsync", _raiser(OSError(errno.EIO, "EIO")))
     with pytest.raises(StorageError):
         torchkeep.save({"w": torch.ones(3)}, path)
     assert not path.exists()

@@ -97,7 +97,7 @@ class _Restorer:
             else:
                 if isinstance(result, torch.storage.TypedStorage):
                     result = result._untyped_storage
-                return result  # type: ignore[no-any-return]
+                return result
         else:
             raise TypeError(f"map_location must be a str, torch.device, dict or callable, "
                             f"got {type(where).__name__}")

@@ -27,7 +27,7 @@ class SeedNet(nn.Module):
         x = x.view(-1, 400)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
-        return self.fc3(x)  # type: ignore[no-any-return]
+        return self.fc3(x)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.SGD:
