@@ -1,0 +1,320 @@
+"""The JSON form of a checkpoint tree: containers, values and tensor references, no pickle.
+
+Used by the safetensors writer (in ``__metadata__``) and by manager step manifests.
+Lists are JSON arrays; str, int (64-bit), finite float, bool and None are themselves;
+everything else is a one-key object tagged with ``$``: ``$dict`` (an object when all
+keys are strings, else ``[key, value]`` pairs), ``$odict`` (with ``$metadata``),
+``$tuple``, ``$set``, ``$frozenset``, ``$int`` and ``$float`` (big or non-finite, as
+text), ``$complex``, ``$bytes`` / ``$bytearray`` (base64), ``$size``, ``$dtype``,
+``$device``, ``$tensor`` / ``$ndarray`` (a name the file resolves, plus view fields),
+``$ndbytes`` and ``$npscalar`` (numpy data without a torch dtype, base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from torchkeep import dtypes
+from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
+from torchkeep.formats.pickler import Describe, render_path
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.tree import Device, Size, StorageRef, TensorRef
+
+__all__ = ["TREE_VERSION", "TreeDecoder", "TreeEncoder", "contiguous_strides", "dump_tree"]
+
+TREE_VERSION = 1
+
+#: Makes the placeholder for ``{"$tensor": name, ...view fields}``.
+Resolve = Callable[[Any, dict[str, Any]], TensorRef]
+
+
+def dump_tree(skeleton: Any) -> str:
+    """The JSON document for an encoded tree."""
+    return json.dumps({"version": TREE_VERSION, "tree": skeleton}, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False)
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-contiguous strides (in elements) of ``shape``."""
+    stride = []
+    acc = 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+class TreeDecoder:
+    """Rebuilds a tree from its JSON form; ``resolve(name, node)`` makes each tensor."""
+
+    def __init__(self, resolve: Resolve, name: str, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.resolve = resolve
+        self.name = name
+        self.limits = limits
+
+    def fail(self, message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"torchkeep tree metadata: {message}", source=self.name)
+
+    def decode(self, encoded: str) -> Any:
+        """The tree of a JSON document ``{"version": 1, "tree": ...}``."""
+        try:
+            doc = json.loads(encoded)
+        except (ValueError, RecursionError) as e:
+            raise self.fail(f"not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("version") != TREE_VERSION or "tree" not in doc:
+            raise UnsupportedFormatError(
+                "torchkeep tree metadata of an unknown version", source=self.name
+            )
+        return self.node(doc["tree"], 0)
+
+    def node(self, value: Any, depth: int) -> Any:
+        if depth > self.limits.max_depth:
+            self.limits.check("max_depth", depth, "tree nesting")
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.node(v, depth + 1) for v in value]
+        if not isinstance(value, dict) or len(value) < 1:
+            raise self.fail(f"unexpected node {type(value).__name__}")
+        tag = next(iter(value))
+        body = value[tag]
+        try:
+            return self.tagged(tag, body, value, depth)
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            if isinstance(e, CorruptCheckpointError):
+                raise
+            raise self.fail(f"bad {tag} node ({e})") from None
+
+    def pairs(self, body: Any, depth: int) -> list[tuple[Any, Any]]:
+        if isinstance(body, dict):
+            return [(k, self.node(v, depth + 1)) for k, v in body.items()]
+        return [(_hashable(self.node(k, depth + 1)), self.node(v, depth + 1)) for k, v in body]
+
+    def tagged(self, tag: str, body: Any, whole: dict[str, Any], depth: int) -> Any:
+        if tag == "$dict":
+            return dict(self.pairs(body, depth))
+        if tag == "$odict":
+            result: Any = OrderedDict(self.pairs(body, depth))
+            if "$metadata" in whole:
+                result._metadata = self.node(whole["$metadata"], depth + 1)
+            return result
+        if tag == "$tuple":
+            return tuple(self.node(v, depth + 1) for v in body)
+        if tag == "$set":
+            return {_hashable(self.node(v, depth + 1)) for v in body}
+        if tag == "$frozenset":
+            return frozenset(_hashable(self.node(v, depth + 1)) for v in body)
+        if tag == "$float":
+            return float(body)
+        if tag == "$int":
+            return int(body)
+        if tag == "$complex":
+            return complex(float(body[0]), float(body[1]))
+        if tag == "$bytes":
+            return base64.b64decode(body, validate=True)
+        if tag == "$bytearray":
+            return bytearray(base64.b64decode(body, validate=True))
+        if tag == "$size":
+            return Size(int(v) for v in body)
+        if tag == "$dtype":
+            return dtypes.by_name(body)
+        if tag == "$device":
+            kind, _, index = str(body).partition(":")
+            return Device(kind, int(index) if index else None)
+        if tag == "$tensor":
+            return self.resolve(body, whole)
+        if tag == "$ndarray":
+            return self.resolve(body, whole).with_(numpy=True)
+        if tag == "$ndbytes":
+            dtype = np.dtype(whole["npdtype"])
+            if dtype.hasobject:
+                raise self.fail("object arrays are not allowed")
+            raw = base64.b64decode(body, validate=True)
+            shape = tuple(int(s) for s in whole["shape"])
+            if len(raw) != math.prod(shape) * dtype.itemsize:
+                raise self.fail("numpy array bytes do not match its shape")
+            return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+        if tag == "$npscalar":
+            dtype = np.dtype(whole["npdtype"])
+            raw = base64.b64decode(body, validate=True)
+            if dtype.hasobject or len(raw) != dtype.itemsize:
+                raise self.fail("bad numpy scalar")
+            return np.frombuffer(raw, dtype=dtype)[0]
+        raise self.fail(f"unknown tag {tag!r}")
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+class TreeEncoder:
+    """Walks a tree once: its JSON skeleton out, tensor leaves collected with their paths.
+
+    Each tensor leaf becomes ``{"$tensor": name}`` (numpy arrays ``{"$ndarray": name}``)
+    and is listed in ``tensors`` as ``(name, TensorRef, ndarray or None)``; names are
+    the ``/``-joined paths, made unique. The same tensor object reached twice yields
+    the same node.
+    """
+
+    def __init__(self, describe: Describe | None) -> None:
+        self.describe = describe
+        self.path: list[Any] = []
+        self.active: set[int] = set()
+        self.tensors: list[tuple[str, TensorRef, Any]] = []  # (name, ref, ndarray|None)
+        self.names: set[str] = set()
+        self.nodes: dict[int, Any] = {}
+
+    def fail(self, message: str) -> UnsupportedTypeError:
+        return UnsupportedTypeError(f"{render_path(self.path)}: {message}")
+
+    def unique_name(self) -> str:
+        base = "/".join(str(p) for p in self.path) or "tensor"
+        if base == "__metadata__":
+            base = "__metadata__/0"
+        name, n = base, 1
+        while name in self.names:
+            n += 1
+            name = f"{base}#{n}"
+        self.names.add(name)
+        return name
+
+    def encode(self, obj: Any) -> Any:
+        if obj is None or type(obj) in (bool, str):
+            return obj
+        if type(obj) is int:
+            return obj if -(2**63) <= obj < 2**63 else {"$int": str(obj)}
+        if type(obj) is float:
+            return obj if math.isfinite(obj) else {"$float": repr(obj)}
+        oid = id(obj)
+        if isinstance(obj, (dict, list, tuple, set, frozenset)):
+            if oid in self.active:
+                raise self.fail("a container that contains itself cannot be saved as safetensors")
+            if len(self.path) > 200:
+                raise self.fail("nesting deeper than 200 levels")
+            self.active.add(oid)
+            try:
+                return self.container(obj)
+            finally:
+                self.active.discard(oid)
+        return self.leaf(obj)
+
+    def child(self, key: Any, value: Any) -> Any:
+        self.path.append(key)
+        try:
+            return self.encode(value)
+        finally:
+            self.path.pop()
+
+    def key(self, key: Any) -> Any:
+        if key is None or type(key) in (bool, int, float, str):
+            return self.encode(key)
+        if type(key) is tuple:
+            return {"$tuple": [self.key(k) for k in key]}
+        raise self.fail(f"dict key of type {type(key).__name__} cannot be saved as safetensors")
+
+    def items(self, obj: dict[Any, Any]) -> Any:
+        if all(type(k) is str for k in obj):
+            return {k: self.child(k, v) for k, v in obj.items()}
+        return [[self.key(k), self.child(k, v)] for k, v in obj.items()]
+
+    def container(self, obj: Any) -> Any:
+        if type(obj) is dict:
+            return {"$dict": self.items(obj)}
+        if isinstance(obj, OrderedDict):
+            node: dict[str, Any] = {"$odict": self.items(obj)}
+            meta = getattr(obj, "_metadata", None)
+            if meta is not None:
+                self.path.append("_metadata")
+                node["$metadata"] = self.encode(meta)
+                self.path.pop()
+            return node
+        if type(obj) is list:
+            return [self.child(i, v) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return {"$tuple": [self.child(i, v) for i, v in enumerate(obj)]}
+        if isinstance(obj, Size):
+            return {"$size": list(obj)}
+        if type(obj) is set:
+            return {"$set": [self.key(v) for v in obj]}
+        if type(obj) is frozenset:
+            return {"$frozenset": [self.key(v) for v in obj]}
+        if isinstance(obj, dict):
+            return {"$dict": self.items(obj)}
+        placeholder = self.describe(obj) if self.describe is not None else None
+        if placeholder is not None:
+            return self.leaf(placeholder, original=obj)
+        raise self.fail(f"unsupported type {type(obj).__qualname__}")
+
+    def leaf(self, obj: Any, original: Any = None) -> Any:
+        original = obj if original is None else original
+        if isinstance(obj, TensorRef):
+            return self.tensor(obj, original)
+        if isinstance(obj, dtypes.DType):
+            return {"$dtype": obj.name}
+        if isinstance(obj, Size):
+            return {"$size": list(obj)}
+        if isinstance(obj, Device):
+            return {"$device": str(obj)}
+        if isinstance(obj, complex):
+            return {"$complex": [repr(obj.real), repr(obj.imag)]}
+        if isinstance(obj, bytes):
+            return {"$bytes": base64.b64encode(obj).decode("ascii")}
+        if isinstance(obj, bytearray):
+            return {"$bytearray": base64.b64encode(obj).decode("ascii")}
+        if isinstance(obj, np.ndarray):
+            return self.ndarray(obj)
+        if isinstance(obj, np.generic):
+            if obj.dtype.hasobject:
+                raise self.fail("numpy object scalars cannot be saved")
+            return {"$npscalar": base64.b64encode(obj.tobytes()).decode("ascii"),
+                    "npdtype": obj.dtype.str}
+        if self.describe is not None and original is obj:
+            try:
+                placeholder = self.describe(obj)
+            except UnsupportedTypeError as e:
+                raise self.fail(e.reason) from None
+            if placeholder is not None:
+                return self.leaf(placeholder, original=obj)
+        raise self.fail(
+            f"unsupported type {type(original).__module__}.{type(original).__qualname__}"
+        )
+
+    def tensor(self, ref: TensorRef, original: Any) -> Any:
+        if ref.storage is None or ref.quantizer is not None or not ref.dtype.has_tensors:
+            raise self.fail("this tensor kind cannot be saved as safetensors")
+        node = self.nodes.get(id(original))
+        if node is not None:
+            return node
+        name = self.unique_name()
+        self.tensors.append((name, ref, None))
+        node = {"$tensor": name}
+        self.nodes[id(original)] = node
+        return node
+
+    def ndarray(self, array: np.ndarray[Any, Any]) -> Any:
+        if array.dtype.hasobject:
+            raise self.fail("numpy arrays of Python objects cannot be saved")
+        dtype = dtypes.from_numpy(array.dtype)
+        if dtype is None:
+            if array.dtype.names is not None:
+                raise self.fail("structured numpy arrays cannot be saved")
+            data = np.ascontiguousarray(array)
+            return {"$ndbytes": base64.b64encode(data.tobytes()).decode("ascii"),
+                    "npdtype": array.dtype.str, "shape": list(array.shape)}
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")
+                                    if array.dtype.byteorder == ">" else array.dtype)
+        name = self.unique_name()
+        ref = TensorRef(StorageRef(name, dtype, data.nbytes), dtype, 0, tuple(array.shape),
+                        contiguous_strides(tuple(array.shape)))
+        self.tensors.append((name, ref, data))
+        return {"$ndarray": name}
+
+
