@@ -31,9 +31,37 @@ from torchkeep.tree import Device, PickledObject, Size, TensorRef
 
 __version__ = "0.1.0"
 
+# Names whose modules import torch: loaded on first use, so ``import torchkeep`` (and the
+# numpy backend) never imports torch.
+_LAZY = {
+    "AnyOf": "torchkeep.manager",
+    "CheckpointManager": "torchkeep.manager",
+    "KeepBest": "torchkeep.manager",
+    "KeepEvery": "torchkeep.manager",
+    "KeepLast": "torchkeep.manager",
+    "ManagerOptions": "torchkeep.manager",
+    "PreemptionGuard": "torchkeep.manager",
+    "RNGState": "torchkeep.manager",
+    "ResumableSampler": "torchkeep.manager",
+    "StateMismatchError": "torchkeep.manager",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchkeep' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
+    "AnyOf",
     "AsyncSaveError",
     "CheckpointHandle",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DType",
@@ -41,12 +69,20 @@ __all__ = [
     "DistributedError",
     "FormatError",
     "IntegrityError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
     "LimitExceededError",
     "Limits",
+    "ManagerOptions",
     "MissingDependencyError",
     "PickledObject",
+    "PreemptionGuard",
+    "RNGState",
+    "ResumableSampler",
     "SaveOptions",
     "Size",
+    "StateMismatchError",
     "StorageError",
     "TensorInfo",
     "TensorRef",

@@ -22,7 +22,7 @@ from torchkeep.storage.source import Source, open_source
 from torchkeep.tree import StorageRef
 from torchkeep.unpickle import Allowlist, AllowSpec
 
-__all__ = ["SaveOptions", "load", "parse", "save"]
+__all__ = ["Describer", "SaveOptions", "load", "parse", "save"]
 
 Backend = Literal["torch", "numpy"]
 WRITABLE_FORMATS = ("torch", "torch-legacy", "safetensors")
@@ -53,7 +53,7 @@ DEFAULT_SAVE = SaveOptions()
 # -- saving -----------------------------------------------------------------------------
 
 
-class _Describer:
+class Describer:
     """Describes foreign objects (torch, via tensors.py) and serves storage bytes."""
 
     def __init__(self) -> None:
@@ -114,10 +114,10 @@ def save(
     UnsupportedTypeError naming where they sit (``obj['model']['fc1']: ...``).
     """
     fmt = _resolve_format(f, format)
-    _write(obj, f, fmt, _Describer(), options)
+    _write(obj, f, fmt, Describer(), options)
 
 
-def _write(obj: Any, f: Any, fmt: str, describer: _Describer, options: SaveOptions) -> None:
+def _write(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOptions) -> None:
     from torchkeep.formats.safetensors import write_safetensors
     from torchkeep.formats.torch_legacy import write_torch_legacy
     from torchkeep.formats.torch_zip import archive_name_for, write_torch_zip
@@ -157,6 +157,12 @@ def parse(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Parsed:
     """Parse ``f`` into placeholders (no tensor bytes read). The caller closes the result."""
+    if isinstance(f, (str, os.PathLike)):
+        text = str(os.fspath(f))
+        if "://" in text or os.path.isdir(text):
+            from torchkeep.formats.manifest import read_step_dir
+
+            return read_step_dir(text, limits=limits)
     source = open_source(f)
     try:
         return parse_source(source, allowlist=Allowlist(allow), limits=limits)

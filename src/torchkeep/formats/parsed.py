@@ -26,6 +26,8 @@ class Record:
     decode: Callable[[], bytes] | None = None
     crc32: int | None = None
     name: str = ""
+    #: the input holding the bytes, when it is not the parsed file itself (step directories)
+    source: Source | None = None
 
 
 @dataclass(slots=True)
@@ -45,6 +47,8 @@ class Parsed:
     info: dict[str, Any] = field(default_factory=dict)
     #: optional check run on a storage's bytes when they are read (manifest checksums)
     verify: Callable[[StorageRef, memoryview], None] | None = None
+    #: further inputs records point into (data files of a step directory)
+    extra_sources: list[Source] = field(default_factory=list)
 
     @property
     def native_order(self) -> bool:
@@ -56,5 +60,7 @@ class Parsed:
         return self.records[ref.root.key]
 
     def close(self) -> None:
-        """Release the input."""
+        """Release the inputs."""
         self.source.close()
+        for source in self.extra_sources:
+            source.close()

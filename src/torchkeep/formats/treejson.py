@@ -171,6 +171,8 @@ class TreeEncoder:
         self.tensors: list[tuple[str, TensorRef, Any]] = []  # (name, ref, ndarray|None)
         self.names: set[str] = set()
         self.nodes: dict[int, Any] = {}
+        #: the object each tensor name came from (a torch.Tensor, an ndarray, a TensorRef)
+        self.originals: dict[str, Any] = {}
 
     def fail(self, message: str) -> UnsupportedTypeError:
         return UnsupportedTypeError(f"{render_path(self.path)}: {message}")
@@ -295,6 +297,7 @@ class TreeEncoder:
             return node
         name = self.unique_name()
         self.tensors.append((name, ref, None))
+        self.originals[name] = original
         node = {"$tensor": name}
         self.nodes[id(original)] = node
         return node

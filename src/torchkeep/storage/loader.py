@@ -8,6 +8,7 @@ import numpy as np
 
 from torchkeep.errors import CorruptCheckpointError, StorageError
 from torchkeep.formats.parsed import Parsed, Record
+from torchkeep.storage.source import Source
 from torchkeep.tree import StorageRef
 
 __all__ = ["StorageLoader", "swap_unit"]
@@ -29,22 +30,30 @@ class StorageLoader:
 
     def __init__(self, parsed: Parsed, *, mmap: bool | None = None) -> None:
         self.parsed = parsed
-        source = parsed.source
-        mappable = source.path is not None and parsed.native_order and source.size > 0
+        sources = [parsed.source, *parsed.extra_sources] if parsed.extra_sources else [
+            parsed.source
+        ]
+        data_sources = parsed.extra_sources or [parsed.source]
+        mappable = parsed.native_order and all(
+            s.path is not None and s.size > 0 for s in data_sources
+        )
         if mmap and not mappable:
+            local = all(s.path is not None for s in sources)
             why = (
-                "the input is not a local file" if source.path is None
+                "the input is not a local file" if not local
                 else "its tensor bytes are not in this machine's byte order"
             )
-            raise StorageError(f"mmap=True is not possible: {why}", source=source.name)
+            raise StorageError(f"mmap=True is not possible: {why}", source=parsed.source.name)
         self.use_mmap = mappable if mmap is None else bool(mmap)
-        self._mapped: np.ndarray[Any, Any] | None = None
+        self._mapped: dict[int, np.ndarray[Any, Any]] = {}
         self._cache: dict[str, np.ndarray[Any, Any]] = {}
 
-    def _whole_map(self) -> np.ndarray[Any, Any]:
-        if self._mapped is None:
-            self._mapped = np.frombuffer(self.parsed.source.mapping(), dtype=np.uint8)
-        return self._mapped
+    def _whole_map(self, source: Source) -> np.ndarray[Any, Any]:
+        found = self._mapped.get(id(source))
+        if found is None:
+            found = np.frombuffer(source.mapping(), dtype=np.uint8)
+            self._mapped[id(source)] = found
+        return found
 
     def root_bytes(self, ref: StorageRef, swap_itemsize: int = 1) -> np.ndarray[Any, Any]:
         """The root storage's bytes (uint8, writable, native order for ``swap_itemsize``)."""
@@ -83,9 +92,9 @@ class StorageLoader:
         if record.nbytes == 0:
             return np.empty(0, dtype=np.uint8)
         if record.offset is not None:
+            source = record.source or self.parsed.source
             if self.use_mmap:
-                return self._whole_map()[record.offset : record.offset + record.nbytes]
-            source = self.parsed.source
+                return self._whole_map(source)[record.offset : record.offset + record.nbytes]
             memory = source.memory()
             out = np.empty(record.nbytes, dtype=np.uint8)
             if memory is not None:

@@ -1,0 +1,333 @@
+"""The step directory: tensor data files, a JSON manifest, and a commit marker written last.
+
+::
+
+    step-000000000120/
+        data-00000.bin     tensor bytes, each tensor 64-byte aligned (one file per writer)
+        manifest.json      the tree (JSON, no pickle), per-tensor entries and checksums,
+                           metrics, versions, time
+        COMMITTED          written last: the step and the manifest's checksum
+
+A tensor entry holds its dtype, global shape and a list of chunks, each with its offsets
+in the global tensor, its shape, file, byte range and xxh3-64 checksum. A tensor saved
+whole has one chunk; a sharded save writes several (one per writer), each writer into its
+own data file of the same directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from torchkeep import dtypes
+from torchkeep.dtypes import DType
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    FormatError,
+    IntegrityError,
+    UnsupportedFormatError,
+)
+from torchkeep.formats.parsed import Parsed, Record
+from torchkeep.formats.pickler import Describe
+from torchkeep.formats.treejson import TreeDecoder, TreeEncoder, contiguous_strides
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.filesystem import FileSystem, open_filesystem
+from torchkeep.storage.source import open_source
+from torchkeep.tree import StorageRef, TensorRef
+
+__all__ = [
+    "FORMAT_NAME",
+    "MANIFEST_NAME",
+    "MARKER_NAME",
+    "TensorPayload",
+    "plan_tensors",
+    "read_manifest",
+    "read_step_dir",
+    "write_step",
+]
+
+FORMAT_NAME = "torchkeep-step"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MARKER_NAME = "COMMITTED"
+ALIGNMENT = 64
+
+
+def data_file_name(writer: int) -> str:
+    """The data file of writer (rank) ``writer``."""
+    return f"data-{writer:05d}.bin"
+
+
+def checksum(data: Any) -> str:
+    """The checksum stored per chunk: xxh3-64 as 16 hex digits."""
+    return f"{xxhash.xxh3_64_intdigest(data):016x}"
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TensorPayload:
+    """One tensor to write: its name, its view, and its contiguous bytes (when known)."""
+
+    name: str
+    ref: TensorRef
+    data: Any = None  # a bytes-like of exactly ref.nbytes, C-contiguous
+
+    def bytes(self, storage_bytes: Callable[[StorageRef], Any]) -> memoryview:
+        """The tensor's values, C-contiguous, as bytes (a view where possible, else a copy)."""
+        if self.data is not None:
+            return memoryview(self.data).cast("B")
+        return contiguous_bytes(self.ref, storage_bytes)
+
+
+def contiguous_bytes(ref: TensorRef, storage_bytes: Callable[[StorageRef], Any]) -> memoryview:
+    """The values of view ``ref``, C-contiguous: a slice of its storage when it is one."""
+    if ref.storage is None:
+        raise FormatError("a tensor without storage has no bytes")
+    whole = memoryview(storage_bytes(ref.storage)).cast("B")
+    itemsize = ref.dtype.itemsize
+    start = ref.offset * itemsize
+    if ref.is_contiguous():
+        return whole[start : start + ref.nbytes]
+    raw = np.ndarray(ref.shape, dtype=np.dtype(f"V{itemsize}"), buffer=whole, offset=start,
+                     strides=tuple(s * itemsize for s in ref.stride))
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(-1).data.cast("B")
+
+
+def plan_tensors(
+    tree: Any, describe: Describe | None
+) -> tuple[Any, list[TensorPayload], dict[str, Any]]:
+    """The tree's JSON skeleton, the tensors to write (in tree order), and the object
+    each tensor name came from."""
+    encoder = TreeEncoder(describe)
+    skeleton = encoder.encode(tree)
+    payloads = [TensorPayload(name, ref, array) for name, ref, array in encoder.tensors]
+    return skeleton, payloads, encoder.originals
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _write_data(
+    write: Callable[[Any], Any],
+    payloads: Iterable[TensorPayload],
+    storage_bytes: Callable[[StorageRef], Any],
+    file_name: str,
+    progress: Callable[[int], None] | None,
+) -> dict[str, dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for payload in payloads:
+        data = payload.bytes(storage_bytes)
+        pad = -offset % ALIGNMENT
+        if pad:
+            write(b"\0" * pad)
+            offset += pad
+        if data.nbytes:
+            write(data)
+        ref = payload.ref
+        entries[payload.name] = {
+            "dtype": ref.dtype.name,
+            "shape": list(ref.shape),
+            **({"requires_grad": True} if ref.requires_grad else {}),
+            **({"parameter": True} if ref.parameter else {}),
+            "chunks": [{
+                "offsets": [0] * len(ref.shape),
+                "shape": list(ref.shape),
+                "file": file_name,
+                "offset": offset,
+                "nbytes": data.nbytes,
+                "xxh3": checksum(data),
+            }],
+        }
+        offset += data.nbytes
+        if progress is not None:
+            progress(data.nbytes)
+    return entries
+
+
+def write_step(
+    fs: FileSystem,
+    directory: str,
+    *,
+    step: int,
+    skeleton: Any,
+    payloads: list[TensorPayload],
+    storage_bytes: Callable[[StorageRef], Any],
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    fsync: bool = True,
+    writer: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Write a complete step into ``directory`` (which should be a temporary name):
+    the data file, the manifest, then the commit marker; returns the manifest.
+    """
+    fs.makedirs(directory)
+    file_name = data_file_name(writer)
+    entries: dict[str, dict[str, Any]] = {}
+
+    def produce(write: Callable[[Any], Any]) -> None:
+        entries.update(_write_data(write, payloads, storage_bytes, file_name, progress))
+
+    fs.write_file(fs.join(directory, file_name), produce, fsync=fsync)
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": metrics or {},
+        **(extra or {}),
+        "tree": skeleton,
+        "tensors": entries,
+    }
+    raw = json.dumps(manifest, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    encoded = raw.encode("utf-8")
+    fs.write_file(fs.join(directory, MANIFEST_NAME), lambda w: w(encoded), fsync=fsync)
+    marker = json.dumps({"step": step, "manifest_xxh3": checksum(encoded)}).encode()
+    fs.write_file(fs.join(directory, MARKER_NAME), lambda w: w(marker), fsync=fsync)
+    if fsync:
+        fs.fsync_dir(directory)
+    return manifest
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def read_manifest(fs: FileSystem, directory: str, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a committed step; CorruptCheckpointError when there is none."""
+    name = fs.describe(directory)
+    if not fs.exists(fs.join(directory, MARKER_NAME)):
+        raise CorruptCheckpointError(
+            "no commit marker: not a committed torchkeep step (an interrupted save?)",
+            source=name,
+        )
+    try:
+        marker = json.loads(fs.read_bytes(fs.join(directory, MARKER_NAME)))
+        raw = fs.read_bytes(fs.join(directory, MANIFEST_NAME))
+    except ValueError as e:
+        raise CorruptCheckpointError(f"commit marker is not JSON ({e})", source=name) from None
+    if verify and isinstance(marker, dict) and marker.get("manifest_xxh3") != checksum(raw):
+        raise IntegrityError("manifest.json does not match its checksum in the commit marker",
+                             source=name)
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise CorruptCheckpointError(f"manifest.json is not JSON ({e})", source=name) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError("manifest.json is not a torchkeep step manifest",
+                                     source=name)
+    if manifest.get("version") != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"step manifest version {manifest.get('version')!r} is not supported", source=name
+        )
+    return manifest
+
+
+def read_step_dir(
+    directory: Any,
+    *,
+    fs: FileSystem | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    verify: bool = True,
+) -> Parsed:
+    """Parse a committed step directory into placeholders.
+
+    With ``verify`` every tensor's checksum is checked when its bytes are read, and a
+    mismatch raises IntegrityError naming the tensor and the step.
+    """
+    if fs is None:
+        fs, directory = open_filesystem(directory)
+    name = fs.describe(directory)
+    manifest = read_manifest(fs, directory, verify=verify)
+    step = manifest.get("step")
+    entries = manifest.get("tensors")
+    if not isinstance(entries, dict):
+        raise CorruptCheckpointError("manifest has no tensor table", source=name)
+    sources: dict[str, Any] = {}
+    records: dict[str, Record] = {}
+    refs: dict[str, TensorRef] = {}
+    hashes: dict[str, str] = {}
+
+    def fail(message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"manifest: {message}", source=name)
+
+    for tensor_name, entry in entries.items():
+        try:
+            dtype = dtypes.by_name(entry["dtype"])
+            shape = tuple(int(s) for s in entry["shape"])
+            chunks = entry["chunks"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise fail(f"tensor {tensor_name!r}: malformed entry ({e})") from None
+        if any(s < 0 for s in shape):
+            raise fail(f"tensor {tensor_name!r}: negative dimension")
+        limits.check("max_tensor_dims", len(shape), f"tensor {tensor_name!r} dimensions")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not isinstance(chunks, list) or len(chunks) != 1:
+            raise UnsupportedFormatError(
+                f"tensor {tensor_name!r} is stored in {len(chunks)} chunks; reading sharded "
+                "steps needs torchkeep.distributed", source=name
+            )
+        chunk = chunks[0]
+        try:
+            file_name = str(chunk["file"])
+            offset = int(chunk["offset"])
+            size = int(chunk["nbytes"])
+            digest = str(chunk["xxh3"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise fail(f"tensor {tensor_name!r}: malformed chunk ({e})") from None
+        if size != nbytes or offset < 0 or "/" in file_name or file_name.startswith("."):
+            raise fail(f"tensor {tensor_name!r}: chunk does not match the tensor")
+        if file_name not in sources:
+            sources[file_name] = fs.source(fs.join(directory, file_name))
+        source = sources[file_name]
+        if offset + size > source.size:
+            raise CorruptCheckpointError(
+                f"tensor {tensor_name!r} runs past the end of {file_name} (truncated)",
+                source=name,
+            )
+        storage = StorageRef(tensor_name, dtype, nbytes)
+        refs[tensor_name] = TensorRef(
+            storage, dtype, 0, shape, contiguous_strides(shape),
+            requires_grad=bool(entry.get("requires_grad", False)),
+            parameter=bool(entry.get("parameter", False)),
+        )
+        records[tensor_name] = Record(nbytes, offset=offset, name=tensor_name, source=source)
+        hashes[tensor_name] = digest
+
+    def resolve(ref_name: Any, node: dict[str, Any]) -> TensorRef:
+        found = refs.get(ref_name) if isinstance(ref_name, str) else None
+        if found is None:
+            raise fail(f"the tree refers to tensor {ref_name!r}, which has no entry")
+        return found
+
+    tree = TreeDecoder(resolve, name, limits).node(manifest.get("tree"), 0)
+
+    def check(storage: StorageRef, data: memoryview) -> None:
+        if checksum(data) != hashes[storage.key]:
+            raise IntegrityError(
+                f"tensor {storage.key!r} of step {step} does not match its checksum",
+                source=name,
+            )
+
+    info = {k: manifest.get(k) for k in ("step", "created", "metrics", "torch_version",
+                                         "torchkeep_version")}
+    manifest_source = open_source(json.dumps(manifest).encode())
+    manifest_source.name = name
+    parsed = Parsed("torchkeep", tree, manifest_source, records, "little", info,
+                    verify=check if verify else None)
+    parsed.extra_sources = list(sources.values())
+    return parsed
+
+
+def dtype_of(entry: dict[str, Any]) -> DType:
+    """The dtype of a manifest tensor entry."""
+    return dtypes.by_name(entry["dtype"])

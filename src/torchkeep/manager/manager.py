@@ -1,0 +1,475 @@
+"""CheckpointManager: atomic step commits, retention, async save, verified restore."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+import torchkeep
+from torchkeep.api import Describer
+from torchkeep.errors import (
+    AsyncSaveError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    TorchkeepError,
+)
+from torchkeep.formats.manifest import (
+    TensorPayload,
+    plan_tensors,
+    read_manifest,
+    read_step_dir,
+    write_step,
+)
+from torchkeep.manager.layout import (
+    deleting_name,
+    is_leftover,
+    parse_step_name,
+    step_name,
+    temporary_name,
+)
+from torchkeep.manager.retention import (
+    AnyOf,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    Policy,
+    RetentionPlan,
+    StepInfo,
+    best_step,
+    plan_retention,
+)
+from torchkeep.manager.staging import StagingArena
+from torchkeep.storage.filesystem import FileSystem, open_filesystem
+from torchkeep.tensors import TorchMaterializer
+
+__all__ = ["CheckpointManager", "ManagerOptions", "StateMismatchError"]
+
+Mode = Literal["min", "max"]
+
+
+class StateMismatchError(TorchkeepError, KeyError):
+    """``restore`` was asked for an entry the checkpoint does not hold."""
+
+    exit_code = 3
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManagerOptions:
+    """How a CheckpointManager keeps steps; the same names as its keyword arguments.
+
+    Retention policies combine as a union; the newest committed step and the best step
+    (when ``best_metric`` is set) are never deleted. With no policy every step is kept.
+    """
+
+    keep_last: int | None = None
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: Mode = "min"
+    keep_every_steps: int | None = None
+    async_save: bool = False
+    #: verify every tensor's checksum when restoring
+    verify: bool = True
+    #: fsync data, manifest, marker and folders (a power loss cannot lose a commit)
+    durable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keep_best is not None and self.best_metric is None:
+            raise ValueError("keep_best needs best_metric")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError("best_mode must be 'min' or 'max'")
+
+    def policy(self) -> Policy | None:
+        """The retention policy these options describe (None keeps everything)."""
+        policies: list[Policy] = []
+        if self.keep_last is not None:
+            policies.append(KeepLast(self.keep_last))
+        if self.keep_best is not None and self.best_metric is not None:
+            policies.append(KeepBest(self.keep_best, self.best_metric, self.best_mode))
+        if self.keep_every_steps is not None:
+            policies.append(KeepEvery(self.keep_every_steps))
+        if not policies:
+            return None
+        return policies[0] if len(policies) == 1 else AnyOf(tuple(policies))
+
+
+_UNSET: Any = object()
+
+
+class CheckpointManager:
+    """Saves the whole state of a training run as numbered, atomically committed steps.
+
+    ::
+
+        state = {"model": model, "optimizer": opt, "scheduler": sched,
+                 "rng": torchkeep.RNGState(), "epoch": 0}
+        with torchkeep.CheckpointManager("runs/a", keep_last=2, keep_best=1,
+                                         best_metric="val_loss") as mgr:
+            start = mgr.restore(state) + 1 if mgr.latest_step() is not None else 0
+            for step in range(start, total):
+                ...
+                mgr.save(step, state, metrics={"val_loss": loss})
+
+    ``state`` maps names to objects with ``state_dict()`` / ``load_state_dict()`` (modules,
+    optimizers, schedulers, grad scalers, samplers, RNGState...) or to plain values
+    (numbers, strings, tensors, containers). ``directory`` is a local path or an fsspec
+    URL. Leftovers of interrupted saves are removed (and listed in ``cleaned``) when the
+    manager opens the directory.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = _UNSET,
+        keep_best: int | None = _UNSET,
+        best_metric: str | None = _UNSET,
+        best_mode: Mode = _UNSET,
+        keep_every_steps: int | None = _UNSET,
+        async_save: bool = _UNSET,
+        options: ManagerOptions | None = None,
+    ) -> None:
+        given = {
+            "keep_last": keep_last, "keep_best": keep_best, "best_metric": best_metric,
+            "best_mode": best_mode, "keep_every_steps": keep_every_steps,
+            "async_save": async_save,
+        }
+        base = options or ManagerOptions()
+        overrides = {k: v for k, v in given.items() if v is not _UNSET}
+        if overrides:
+            base = ManagerOptions(**{**base.__dict__, **overrides})
+        self.options = base
+        self.fs: FileSystem
+        self.fs, self.root = open_filesystem(directory)
+        self.fs.makedirs(self.root)
+        self._lock = threading.Lock()
+        self._metrics: dict[int, dict[str, Any]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future[None] | None = None
+        self._inflight_step: int | None = None
+        self._arena = StagingArena()
+        self._closed = False
+        #: what the manager removed when it opened the directory
+        self.cleaned: list[str] = self._clean_leftovers()
+        self._scan()
+
+    # -- the run directory ---------------------------------------------------------------
+
+    def step_path(self, step: int) -> str:
+        """The folder of committed step ``step``."""
+        return self.fs.join(self.root, step_name(step))
+
+    def _clean_leftovers(self) -> list[str]:
+        removed = []
+        for name in self.fs.listdir(self.root):
+            path = self.fs.join(self.root, name)
+            uncommitted = parse_step_name(name) is not None and not self.fs.exists(
+                self.fs.join(path, "COMMITTED")
+            )
+            if is_leftover(name) or uncommitted:
+                try:
+                    self.fs.rmtree(path)
+                    removed.append(name)
+                except TorchkeepError as e:
+                    warnings.warn(f"could not remove leftover {path}: {e}", stacklevel=3)
+        if removed:
+            warnings.warn(
+                f"{self.fs.describe(self.root)}: removed leftovers of interrupted saves: "
+                + ", ".join(removed),
+                stacklevel=3,
+            )
+        return removed
+
+    def _scan(self) -> None:
+        found: dict[int, dict[str, Any]] = {}
+        for step in self._listed_steps():
+            cached = self._metrics.get(step)
+            if cached is None:
+                try:
+                    manifest = read_manifest(self.fs, self.step_path(step), verify=False)
+                    cached = dict(manifest.get("metrics") or {})
+                except TorchkeepError as e:
+                    warnings.warn(f"step {step} is unreadable: {e}", stacklevel=3)
+                    cached = {}
+            found[step] = cached
+        with self._lock:
+            self._metrics = found
+
+    def _listed_steps(self) -> list[int]:
+        steps = []
+        for name in self.fs.listdir(self.root):
+            step = parse_step_name(name)
+            if step is not None and self.fs.exists(self.fs.join(self.root, name, "COMMITTED")):
+                steps.append(step)
+        return sorted(steps)
+
+    def all_steps(self) -> list[int]:
+        """Every committed step, oldest first."""
+        self._scan()
+        with self._lock:
+            return sorted(self._metrics)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The committed step with the best ``best_metric`` (None without a metric)."""
+        if self.options.best_metric is None:
+            return None
+        return best_step(self._infos(), self.options.best_metric, self.options.best_mode)
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with ``step``."""
+        self._scan()
+        with self._lock:
+            if step not in self._metrics:
+                raise CheckpointNotFoundError(f"no committed step {step}",
+                                              source=self.fs.describe(self.root))
+            return dict(self._metrics[step])
+
+    def _infos(self) -> list[StepInfo]:
+        self._scan()
+        with self._lock:
+            return [StepInfo(step, metrics) for step, metrics in sorted(self._metrics.items())]
+
+    def retention(self) -> RetentionPlan:
+        """What the retention policy keeps (with reasons) and would delete, right now."""
+        return plan_retention(self._infos(), self.options.policy(),
+                              best_metric=self.options.best_metric,
+                              best_mode=self.options.best_mode)
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any], *,
+             metrics: dict[str, Any] | None = None) -> None:
+        """Commit ``state`` as step ``step`` (a new, larger step number).
+
+        Synchronous by default: when it returns the step is durable on disk. With
+        ``async_save`` it returns once the state is copied to CPU staging memory; the
+        write and commit happen in the background, and a failure surfaces on the next
+        ``save``, ``wait`` or ``close`` as AsyncSaveError.
+        """
+        self._check_open()
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.wait()
+        metrics = _plain_metrics(metrics)
+        if self.fs.exists(self.step_path(step)):
+            raise ValueError(
+                f"step {step} is already committed in {self.fs.describe(self.root)}; "
+                "committed steps are never overwritten"
+            )
+        tree = _collect(state)
+        describer = Describer()
+        skeleton, payloads, originals = plan_tensors(tree, describer)
+        if self.options.async_save:
+            staged = self._arena.stage(payloads, originals, describer.storage_bytes)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchkeep-save")
+            self._inflight_step = step
+            self._inflight = self._executor.submit(
+                self._commit, step, skeleton, staged, describer.storage_bytes, metrics
+            )
+        else:
+            self._commit(step, skeleton, payloads, describer.storage_bytes, metrics)
+
+    def _commit(
+        self,
+        step: int,
+        skeleton: Any,
+        payloads: list[TensorPayload],
+        storage_bytes: Callable[[Any], Any],
+        metrics: dict[str, Any],
+    ) -> None:
+        fs = self.fs
+        tmp = fs.join(self.root, temporary_name(step))
+        final = self.step_path(step)
+        durable = self.options.durable
+        try:
+            write_step(
+                fs, tmp, step=step, skeleton=skeleton, payloads=payloads,
+                storage_bytes=storage_bytes, metrics=metrics, fsync=durable,
+                extra={"torch_version": torch.__version__,
+                       "torchkeep_version": torchkeep.__version__},
+            )
+            fs.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if fs.exists(tmp):
+                    fs.rmtree(tmp)
+            raise
+        if durable:
+            fs.fsync_dir(self.root)
+        with self._lock:
+            self._metrics[step] = metrics
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        plan = self.retention()
+        for step in plan.delete:
+            path = self.step_path(step)
+            doomed = self.fs.join(self.root, deleting_name(step))
+            try:
+                self.fs.rename(path, doomed)
+                if self.options.durable:
+                    self.fs.fsync_dir(self.root)
+                with self._lock:
+                    self._metrics.pop(step, None)
+                self.fs.rmtree(doomed)
+            except TorchkeepError as e:
+                warnings.warn(f"retention could not delete step {step}: {e}", stacklevel=2)
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is committed; raise its failure."""
+        future = self._inflight
+        if future is None:
+            return
+        step = self._inflight_step
+        self._inflight = None
+        self._inflight_step = None
+        try:
+            future.result()
+        except BaseException as e:
+            raise AsyncSaveError(f"the background save of step {step} failed: {e}",
+                                 source=self.fs.describe(self.root)) from e
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def load(self, step: int | None = None, *, map_location: Any = None) -> dict[str, Any]:
+        """The saved state of ``step`` (default: latest) as plain values, verified."""
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointNotFoundError("no committed step to load",
+                                              source=self.fs.describe(self.root))
+        if not self.fs.exists(self.step_path(step)):
+            raise CheckpointNotFoundError(f"no committed step {step}",
+                                          source=self.fs.describe(self.root))
+        parsed = read_step_dir(self.step_path(step), fs=self.fs, verify=self.options.verify)
+        try:
+            tree = TorchMaterializer(parsed, map_location=map_location).tree()
+        finally:
+            parsed.close()
+        if not isinstance(tree, dict):
+            raise IntegrityError(f"step {step} does not hold a state dict")
+        return tree
+
+    def restore(self, state: dict[str, Any], *, step: int | None = None,
+                fallback: bool = False, map_location: Any = None) -> int:
+        """Load step ``step`` (default: latest) into ``state``; returns the step.
+
+        Objects with ``load_state_dict`` are loaded in place; plain values are replaced in
+        ``state``. Every tensor's checksum is verified; a mismatch raises IntegrityError
+        naming the tensor and step, unless ``fallback`` lets it step back to the newest
+        step that verifies (with a warning).
+        """
+        self._check_open()
+        steps = self.all_steps()
+        if step is None and not steps:
+            raise CheckpointNotFoundError("no committed step to restore",
+                                          source=self.fs.describe(self.root))
+        target = steps[-1] if step is None else step
+        candidates = [target]
+        if fallback:
+            candidates += [s for s in reversed(steps) if s < target]
+        first_error: TorchkeepError | None = None
+        for candidate in candidates:
+            try:
+                saved = self.load(candidate, map_location=map_location)
+            except TorchkeepError as e:
+                if not fallback:
+                    raise
+                first_error = first_error or e
+                warnings.warn(f"step {candidate} cannot be restored: {e}", stacklevel=2)
+                continue
+            if candidate != target:
+                warnings.warn(f"restored step {candidate} instead of step {target}",
+                              stacklevel=2)
+            _apply(state, saved, candidate)
+            return candidate
+        assert first_error is not None
+        raise first_error
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the CheckpointManager is closed")
+
+    def close(self) -> None:
+        """Wait for the background save, then release the writer thread."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.fs.describe(self.root)!r}, {self.options})"
+
+
+def _collect(state: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(state, dict):
+        raise TypeError("state must be a dict mapping names to objects or values")
+    tree = {}
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state names must be strings, got {name!r}")
+        has_state = callable(getattr(value, "state_dict", None)) and callable(
+            getattr(value, "load_state_dict", None)
+        )
+        tree[name] = value.state_dict() if has_state else value
+    return tree
+
+
+def _apply(state: dict[str, Any], saved: dict[str, Any], step: int) -> None:
+    missing = [name for name in state if name not in saved]
+    if missing:
+        raise StateMismatchError(
+            f"step {step} holds no {', '.join(map(repr, missing))} "
+            f"(it holds {', '.join(map(repr, saved))})"
+        )
+    for name, value in state.items():
+        loader = getattr(value, "load_state_dict", None)
+        if callable(loader) and callable(getattr(value, "state_dict", None)):
+            loader(saved[name])
+        else:
+            state[name] = saved[name]
+
+
+def _plain_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in (metrics or {}).items():
+        if callable(getattr(value, "item", None)):  # 0-d tensors, numpy scalars
+            value = value.item()
+        if not isinstance(key, str) or not (value is None or isinstance(value, (bool, int, float,
+                                                                                 str))):
+            raise TypeError(f"metrics must map names to numbers or strings, got {key!r}: "
+                            f"{type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None  # JSON has no NaN or infinity; such a step is never "best"
+        result[key] = value
+    return result

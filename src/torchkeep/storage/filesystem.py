@@ -1,0 +1,220 @@
+"""Where run directories live: the local file system, or any fsspec URL (``memory://``...)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torchkeep.errors import CheckpointNotFoundError, MissingDependencyError, StorageError
+from torchkeep.storage.atomic import Write, fsync_dir, writer_for_fd
+from torchkeep.storage.source import Source, open_source
+
+__all__ = ["FileSystem", "FsspecFileSystem", "LocalFileSystem", "open_filesystem"]
+
+
+class FileSystem:
+    """The operations a run directory needs. Paths are strings in the backend's syntax."""
+
+    #: True when ``rename`` of a directory is atomic and ``fsync`` makes data durable.
+    atomic_rename = False
+
+    def join(self, *parts: str) -> str:
+        """Join path parts."""
+        raise NotImplementedError
+
+    def listdir(self, path: str) -> list[str]:
+        """Names (not paths) inside folder ``path``; empty when it does not exist."""
+        raise NotImplementedError
+
+    def exists(self, path: str) -> bool:
+        """True when ``path`` exists."""
+        raise NotImplementedError
+
+    def isdir(self, path: str) -> bool:
+        """True when ``path`` is a folder."""
+        raise NotImplementedError
+
+    def makedirs(self, path: str) -> None:
+        """Create folder ``path`` and its parents."""
+        raise NotImplementedError
+
+    def write_file(self, path: str, produce: Callable[[Write], None], *, fsync: bool) -> None:
+        """Create ``path`` with what ``produce(write)`` writes; fsync it when asked."""
+        raise NotImplementedError
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole content of ``path``."""
+        raise NotImplementedError
+
+    def source(self, path: str) -> Source:
+        """``path`` opened for random-access reading."""
+        raise NotImplementedError
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` (a file or folder) to ``dst``, which must not exist."""
+        raise NotImplementedError
+
+    def rmtree(self, path: str) -> None:
+        """Remove folder ``path`` and everything in it."""
+        raise NotImplementedError
+
+    def fsync_dir(self, path: str) -> None:
+        """Make renames and removals inside folder ``path`` durable."""
+
+    def size(self, path: str) -> int:
+        """Bytes in file ``path``."""
+        raise NotImplementedError
+
+    def describe(self, path: str) -> str:
+        """``path`` as a user would write it (for messages)."""
+        return path
+
+
+@contextlib.contextmanager
+def _translated(path: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{what}: no such file or folder", source=path) from e
+    except OSError as e:
+        raise StorageError(f"{what} failed: {e.strerror or e}", source=path) from e
+
+
+class LocalFileSystem(FileSystem):
+    """The local file system, with fsync and atomic renames."""
+
+    atomic_rename = True
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(*parts)
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StorageError(f"listing failed: {e.strerror}", source=path) from e
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def makedirs(self, path: str) -> None:
+        with _translated(path, "creating the folder"):
+            os.makedirs(path, exist_ok=True)
+
+    def write_file(self, path: str, produce: Callable[[Write], None], *, fsync: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        with _translated(path, "writing"):
+            fd = os.open(path, flags, 0o666)
+            try:
+                produce(writer_for_fd(fd))
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def read_bytes(self, path: str) -> bytes:
+        with _translated(path, "reading"), open(path, "rb") as f:
+            return f.read()
+
+    def source(self, path: str) -> Source:
+        return open_source(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        with _translated(src, "renaming"):
+            if os.path.exists(dst):
+                raise FileExistsError(17, "destination exists", dst)
+            os.rename(src, dst)
+
+    def rmtree(self, path: str) -> None:
+        with _translated(path, "removing"):
+            shutil.rmtree(path)
+
+    def fsync_dir(self, path: str) -> None:
+        with _translated(path, "syncing the folder"):
+            fsync_dir(path)
+
+    def size(self, path: str) -> int:
+        with _translated(path, "stat"):
+            return os.path.getsize(path)
+
+
+class FsspecFileSystem(FileSystem):
+    """Any fsspec file system. Renames and durability are as good as the backend's."""
+
+    def __init__(self, fs: Any, protocol: str) -> None:
+        self.fs = fs
+        self.protocol = protocol
+
+    def join(self, *parts: str) -> str:
+        return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def exists(self, path: str) -> bool:
+        return bool(self.fs.exists(path))
+
+    def isdir(self, path: str) -> bool:
+        return bool(self.fs.isdir(path))
+
+    def makedirs(self, path: str) -> None:
+        with _translated(path, "creating the folder"):
+            self.fs.makedirs(path, exist_ok=True)
+
+    def write_file(self, path: str, produce: Callable[[Write], None], *, fsync: bool) -> None:
+        with _translated(path, "writing"), self.fs.open(path, "wb") as f:
+            produce(f.write)
+
+    def read_bytes(self, path: str) -> bytes:
+        with _translated(path, "reading"):
+            return bytes(self.fs.cat_file(path))
+
+    def source(self, path: str) -> Source:
+        return open_source(self.read_bytes(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        with _translated(src, "renaming"):
+            if self.fs.exists(dst):
+                raise FileExistsError(17, "destination exists", dst)
+            self.fs.mv(src, dst, recursive=True)
+
+    def rmtree(self, path: str) -> None:
+        with _translated(path, "removing"):
+            self.fs.rm(path, recursive=True)
+
+    def size(self, path: str) -> int:
+        with _translated(path, "stat"):
+            return int(self.fs.size(path))
+
+    def describe(self, path: str) -> str:
+        return f"{self.protocol}://{path.lstrip('/')}" if "://" not in path else path
+
+
+def open_filesystem(directory: str | os.PathLike[str]) -> tuple[FileSystem, str]:
+    """The file system and path of ``directory`` (a local path or an fsspec URL)."""
+    text = os.fspath(directory)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "://" in text and not text.startswith("file://"):
+        try:
+            import fsspec
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"{text} needs fsspec (pip install fsspec)"
+            ) from e
+        fs, path = fsspec.core.url_to_fs(text)
+        protocol = text.split("://", 1)[0]
+        return FsspecFileSystem(fs, protocol), path
+    return LocalFileSystem(), os.path.abspath(text.removeprefix("file://"))
