@@ -7,6 +7,8 @@ keep training runs safe with an atomic, checksummed CheckpointManager.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torchkeep.api import SaveOptions, load, save
 from torchkeep.dtypes import DType
 from torchkeep.errors import (
@@ -28,6 +30,20 @@ from torchkeep.handle import CheckpointHandle, TensorInfo
 from torchkeep.handle import open_checkpoint as open
 from torchkeep.limits import Limits
 from torchkeep.tree import Device, PickledObject, Size, TensorRef
+
+if TYPE_CHECKING:
+    from torchkeep.manager import (
+        AnyOf,
+        CheckpointManager,
+        KeepBest,
+        KeepEvery,
+        KeepLast,
+        ManagerOptions,
+        PreemptionGuard,
+        ResumableSampler,
+        RNGState,
+        StateMismatchError,
+    )
 
 __version__ = "0.1.0"
 

@@ -21,11 +21,20 @@ def cli() -> None:
 
 
 @cli.command()
-def demo() -> None:
-    """Save the seed model's checkpoint with torchkeep and read it back every way."""
-    from torchkeep.demo.files import run_files_demo
+@click.option("--files", is_flag=True,
+              help="Instead: save the seed checkpoint in each format and read it back every way.")
+@click.option("--seed", type=int, default=None, help="Fix where the run is killed.")
+def demo(files: bool, seed: int | None) -> None:
+    """Train the seed model, SIGKILL it mid-run, resume, and prove the result bit-identical."""
+    if files:
+        from torchkeep.demo.files import run_files_demo
 
-    if not run_files_demo(click.echo):
+        ok = run_files_demo(click.echo)
+    else:
+        from torchkeep.demo.resume import run_resume_demo
+
+        ok = run_resume_demo(click.echo, seed=seed)
+    if not ok:
         raise SystemExit(1)
 
 
