@@ -88,7 +88,8 @@ def test_step_directory_is_a_checkpoint(tmp_path) -> None:
         assert torch.equal(handle["model/fc1.bias"], state["model"].fc1.bias)
     arrays = torchkeep.load(path, backend="numpy")
     np.testing.assert_array_equal(arrays["model"]["fc1.bias"], state["model"].fc1.bias.detach())
-    manifest = open(os.path.join(path, "manifest.json")).read()
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = f.read()
     assert "torch_version" in manifest and "torchkeep_version" in manifest
     with open(os.path.join(path, "data-00000.bin"), "rb") as f:
         assert b"\x80\x02" not in f.read(2)  # no pickle anywhere
@@ -242,9 +243,11 @@ def test_leftovers_are_cleaned_and_reported(tmp_path) -> None:
 
 def _corrupt(path: str) -> None:
     data = os.path.join(path, "data-00000.bin")
-    raw = bytearray(open(data, "rb").read())
-    raw[len(raw) // 2] ^= 0xFF
-    open(data, "wb").write(bytes(raw))
+    with open(data, "r+b") as f:
+        raw = bytearray(f.read())
+        raw[len(raw) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(bytes(raw))
 
 
 def test_corruption_is_detected_and_fallback_steps_back(tmp_path) -> None:
@@ -264,8 +267,10 @@ def test_torn_manifest_is_detected(tmp_path) -> None:
     with torchkeep.CheckpointManager(tmp_path) as mgr:
         mgr.save(0, {"w": torch.zeros(10)})
         manifest = os.path.join(mgr.step_path(0), "manifest.json")
-        text = open(manifest).read()
-        open(manifest, "w").write(text.replace('"step":0', '"step":9'))
+        with open(manifest) as f:
+            text = f.read()
+        with open(manifest, "w") as f:
+            f.write(text.replace('"step":0', '"step":9'))
         with pytest.raises(IntegrityError, match="manifest"):
             mgr.restore({"w": None})
 

@@ -120,7 +120,8 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_cleanly(tmp_path) -> 
             break
     rest = process.stdout.read()
     assert process.wait(timeout=60) == 0
-    result = json.load(open(out))
+    with open(out) as f:
+        result = json.load(f)
     assert result["preempted"] == signal.SIGTERM
     last = max(int(k) for k in result["losses"])
     assert last < config.total_steps - 1, "the run finished instead of stopping"
