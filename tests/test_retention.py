@@ -72,3 +72,26 @@ def test_empty_and_bad_arguments() -> None:
         KeepBest(1, "loss", "median")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         KeepEvery(0)
+
+
+def test_resumable_sampler_continues_the_same_permutation() -> None:
+    from torchkeep.manager.sampler import ResumableSampler
+
+    full = ResumableSampler(10, seed=3)
+    full.set_epoch(1)
+    order = list(full)
+    partial = ResumableSampler(10, seed=3)
+    partial.set_epoch(1)
+    it = iter(partial)
+    first = [next(it) for _ in range(4)]
+    saved = partial.state_dict()
+    resumed = ResumableSampler(10, seed=3)
+    resumed.load_state_dict(saved)
+    resumed.set_epoch(1)
+    assert first + list(resumed) == order
+    assert sorted(order) == list(range(10))
+    other_epoch = ResumableSampler(10, seed=3)
+    other_epoch.set_epoch(2)
+    assert list(other_epoch) != order
+    partial.set_consumed(2)
+    assert partial.state_dict()["position"] == 2

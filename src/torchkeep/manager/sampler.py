@@ -22,8 +22,8 @@ class ResumableSampler(Sampler[int]):
 
     The position counts indices handed to the DataLoader. With ``num_workers=0`` that is
     exactly what the training loop consumed; worker processes prefetch batches ahead of
-    the loop, so with workers save ``state_dict(consumed=...)`` with the number of samples
-    the loop has actually trained on.
+    the loop, so with workers call ``set_consumed(n)`` with the number of samples of this
+    epoch the loop has trained on before saving.
     """
 
     def __init__(self, data: Sized | int, *, seed: int = 0, shuffle: bool = True) -> None:
@@ -32,12 +32,20 @@ class ResumableSampler(Sampler[int]):
         self.shuffle = shuffle
         self.epoch = 0
         self.position = 0
+        self._consumed: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (unless resuming into it)."""
         if epoch != self.epoch:
             self.epoch = epoch
             self.position = 0
+            self._consumed = None
+
+    def set_consumed(self, samples: int) -> None:
+        """Record how many samples of this epoch the loop has trained on (for workers)."""
+        if not 0 <= samples <= self.size:
+            raise ValueError(f"consumed must be in 0..{self.size}")
+        self._consumed = samples
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -57,10 +65,10 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size - self.position
 
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """Where the sampler is; ``consumed`` overrides the position (see the class doc)."""
-        return {"seed": self.seed, "epoch": self.epoch, "size": self.size,
-                "position": self.position if consumed is None else consumed}
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is (``set_consumed`` overrides the position)."""
+        position = self.position if self._consumed is None else self._consumed
+        return {"seed": self.seed, "epoch": self.epoch, "size": self.size, "position": position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``."""
@@ -69,3 +77,4 @@ class ResumableSampler(Sampler[int]):
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+        self._consumed = None
