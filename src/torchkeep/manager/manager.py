@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -25,35 +24,26 @@ from torchkeep.errors import (
 from torchkeep.formats.manifest import (
     TensorPayload,
     plan_tensors,
-    read_manifest,
     read_step_dir,
     write_step,
 )
-from torchkeep.manager.layout import (
-    deleting_name,
-    is_leftover,
-    parse_step_name,
-    step_name,
-    temporary_name,
-)
+from torchkeep.manager.layout import temporary_name
 from torchkeep.manager.retention import (
     AnyOf,
     KeepBest,
     KeepEvery,
     KeepLast,
+    Mode,
     Policy,
     RetentionPlan,
-    StepInfo,
-    best_step,
-    plan_retention,
 )
+from torchkeep.manager.rundir import RunDirectory
 from torchkeep.manager.staging import StagingArena
-from torchkeep.storage.filesystem import FileSystem, open_filesystem
+from torchkeep.storage.filesystem import FileSystem
 from torchkeep.tensors import TorchMaterializer
 
 __all__ = ["CheckpointManager", "ManagerOptions", "StateMismatchError"]
 
-Mode = Literal["min", "max"]
 
 
 class StateMismatchError(TorchkeepError, KeyError):
@@ -150,75 +140,42 @@ class CheckpointManager:
         if overrides:
             base = ManagerOptions(**{**base.__dict__, **overrides})
         self.options = base
-        self.fs: FileSystem
-        self.fs, self.root = open_filesystem(directory)
-        self.fs.makedirs(self.root)
-        self._lock = threading.Lock()
-        self._metrics: dict[int, dict[str, Any]] = {}
+        self.run = RunDirectory(directory)
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | None = None
         self._inflight_step: int | None = None
         self._arena = StagingArena()
         self._closed = False
         #: what the manager removed when it opened the directory
-        self.cleaned: list[str] = self._clean_leftovers()
-        self._scan()
+        self.cleaned: list[str] = self.run.clean_leftovers()
+        if self.cleaned:
+            warnings.warn(f"{self.run.name}: removed leftovers of interrupted saves: "
+                          + ", ".join(self.cleaned), stacklevel=2)
+        self.run.refresh()
+
+    @property
+    def fs(self) -> FileSystem:
+        """The file system of the run directory."""
+        return self.run.fs
+
+    @fs.setter
+    def fs(self, value: FileSystem) -> None:
+        self.run.fs = value
+
+    @property
+    def root(self) -> str:
+        """The run directory's path on its file system."""
+        return self.run.root
 
     # -- the run directory ---------------------------------------------------------------
 
     def step_path(self, step: int) -> str:
         """The folder of committed step ``step``."""
-        return self.fs.join(self.root, step_name(step))
-
-    def _clean_leftovers(self) -> list[str]:
-        removed = []
-        for name in self.fs.listdir(self.root):
-            path = self.fs.join(self.root, name)
-            uncommitted = parse_step_name(name) is not None and not self.fs.exists(
-                self.fs.join(path, "COMMITTED")
-            )
-            if is_leftover(name) or uncommitted:
-                try:
-                    self.fs.rmtree(path)
-                    removed.append(name)
-                except TorchkeepError as e:
-                    warnings.warn(f"could not remove leftover {path}: {e}", stacklevel=3)
-        if removed:
-            warnings.warn(
-                f"{self.fs.describe(self.root)}: removed leftovers of interrupted saves: "
-                + ", ".join(removed),
-                stacklevel=3,
-            )
-        return removed
-
-    def _scan(self) -> None:
-        found: dict[int, dict[str, Any]] = {}
-        for step in self._listed_steps():
-            cached = self._metrics.get(step)
-            if cached is None:
-                try:
-                    manifest = read_manifest(self.fs, self.step_path(step), verify=False)
-                    cached = dict(manifest.get("metrics") or {})
-                except TorchkeepError as e:
-                    warnings.warn(f"step {step} is unreadable: {e}", stacklevel=3)
-                    cached = {}
-            found[step] = cached
-        with self._lock:
-            self._metrics = found
-
-    def _listed_steps(self) -> list[int]:
-        steps = []
-        for name in self.fs.listdir(self.root):
-            step = parse_step_name(name)
-            if step is not None and self.fs.exists(self.fs.join(self.root, name, "COMMITTED")):
-                steps.append(step)
-        return sorted(steps)
+        return self.run.step_path(step)
 
     def all_steps(self) -> list[int]:
         """Every committed step, oldest first."""
-        self._scan()
-        with self._lock:
-            return sorted(self._metrics)
+        return sorted(self.run.refresh())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -229,27 +186,16 @@ class CheckpointManager:
         """The committed step with the best ``best_metric`` (None without a metric)."""
         if self.options.best_metric is None:
             return None
-        return best_step(self._infos(), self.options.best_metric, self.options.best_mode)
+        return self.run.best_step(self.options.best_metric, self.options.best_mode)
 
     def metrics(self, step: int) -> dict[str, Any]:
         """The metrics saved with ``step``."""
-        self._scan()
-        with self._lock:
-            if step not in self._metrics:
-                raise CheckpointNotFoundError(f"no committed step {step}",
-                                              source=self.fs.describe(self.root))
-            return dict(self._metrics[step])
-
-    def _infos(self) -> list[StepInfo]:
-        self._scan()
-        with self._lock:
-            return [StepInfo(step, metrics) for step, metrics in sorted(self._metrics.items())]
+        return self.run.metrics(step)
 
     def retention(self) -> RetentionPlan:
         """What the retention policy keeps (with reasons) and would delete, right now."""
-        return plan_retention(self._infos(), self.options.policy(),
-                              best_metric=self.options.best_metric,
-                              best_mode=self.options.best_mode)
+        return self.run.plan(self.options.policy(), best_metric=self.options.best_metric,
+                             best_mode=self.options.best_mode)
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -313,24 +259,8 @@ class CheckpointManager:
             raise
         if durable:
             fs.fsync_dir(self.root)
-        with self._lock:
-            self._metrics[step] = metrics
-        self._apply_retention()
-
-    def _apply_retention(self) -> None:
-        plan = self.retention()
-        for step in plan.delete:
-            path = self.step_path(step)
-            doomed = self.fs.join(self.root, deleting_name(step))
-            try:
-                self.fs.rename(path, doomed)
-                if self.options.durable:
-                    self.fs.fsync_dir(self.root)
-                with self._lock:
-                    self._metrics.pop(step, None)
-                self.fs.rmtree(doomed)
-            except TorchkeepError as e:
-                warnings.warn(f"retention could not delete step {step}: {e}", stacklevel=2)
+        self.run.record(step, metrics)
+        self.run.delete(self.retention().delete, durable=durable)
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; raise its failure."""
@@ -354,8 +284,7 @@ class CheckpointManager:
         if step is None:
             step = self.latest_step()
             if step is None:
-                raise CheckpointNotFoundError("no committed step to load",
-                                              source=self.fs.describe(self.root))
+                raise CheckpointNotFoundError("no committed step to load", source=self.run.name)
         if not self.fs.exists(self.step_path(step)):
             raise CheckpointNotFoundError(f"no committed step {step}",
                                           source=self.fs.describe(self.root))

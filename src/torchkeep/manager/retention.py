@@ -12,6 +12,7 @@ __all__ = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "Mode",
     "Policy",
     "RetentionPlan",
     "StepInfo",

@@ -1,0 +1,179 @@
+"""A run directory as files: committed steps, their metrics, leftovers, retention deletes.
+
+torch-free, so ``torchkeep ls`` and ``torchkeep prune`` start fast; CheckpointManager
+builds on it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
+from torchkeep.formats.manifest import MARKER_NAME, read_manifest
+from torchkeep.manager.layout import deleting_name, is_leftover, parse_step_name, step_name
+from torchkeep.manager.retention import (
+    Mode,
+    Policy,
+    RetentionPlan,
+    StepInfo,
+    best_step,
+    plan_retention,
+)
+from torchkeep.storage.filesystem import FileSystem, open_filesystem
+
+__all__ = ["RunDirectory", "StepSummary"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepSummary:
+    """One committed step as ``torchkeep ls`` shows it."""
+
+    step: int
+    path: str
+    metrics: dict[str, Any]
+    nbytes: int
+    created: str | None
+    tensors: int
+
+
+class RunDirectory:
+    """The committed steps of one run directory and the operations on them."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None, *,
+                 fs: FileSystem | None = None, root: str | None = None,
+                 create: bool = True) -> None:
+        if fs is None or root is None:
+            if directory is None:
+                raise TypeError("RunDirectory needs a directory")
+            fs, root = open_filesystem(directory)
+        self.fs = fs
+        self.root = root
+        if create:
+            fs.makedirs(root)
+        elif not fs.isdir(root):
+            raise CheckpointNotFoundError("no such run directory", source=fs.describe(root))
+        self._lock = threading.Lock()
+        self._metrics: dict[int, dict[str, Any]] = {}
+
+    @property
+    def name(self) -> str:
+        """The directory as a user would write it."""
+        return self.fs.describe(self.root)
+
+    def step_path(self, step: int) -> str:
+        """The folder of committed step ``step``."""
+        return self.fs.join(self.root, step_name(step))
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what interrupted saves and deletions left; returns the names removed."""
+        removed = []
+        for name in self.fs.listdir(self.root):
+            path = self.fs.join(self.root, name)
+            uncommitted = parse_step_name(name) is not None and not self.fs.exists(
+                self.fs.join(path, MARKER_NAME)
+            )
+            if is_leftover(name) or uncommitted:
+                try:
+                    self.fs.rmtree(path)
+                    removed.append(name)
+                except TorchkeepError as e:
+                    warnings.warn(f"could not remove leftover {path}: {e}", stacklevel=3)
+        return removed
+
+    def leftovers(self) -> list[str]:
+        """Names an interrupted save or deletion left behind (not removed)."""
+        found = []
+        for name in self.fs.listdir(self.root):
+            uncommitted = parse_step_name(name) is not None and not self.fs.exists(
+                self.fs.join(self.root, name, MARKER_NAME)
+            )
+            if is_leftover(name) or uncommitted:
+                found.append(name)
+        return found
+
+    def steps(self) -> list[int]:
+        """Every committed step, oldest first (read from the directory now)."""
+        steps = []
+        for name in self.fs.listdir(self.root):
+            step = parse_step_name(name)
+            if step is not None and self.fs.exists(self.fs.join(self.root, name, MARKER_NAME)):
+                steps.append(step)
+        return sorted(steps)
+
+    def refresh(self) -> dict[int, dict[str, Any]]:
+        """Re-list committed steps; metrics are read from each new step's manifest once."""
+        with self._lock:
+            known = dict(self._metrics)
+        found: dict[int, dict[str, Any]] = {}
+        for step in self.steps():
+            cached = known.get(step)
+            if cached is None:
+                try:
+                    manifest = read_manifest(self.fs, self.step_path(step), verify=False)
+                    cached = dict(manifest.get("metrics") or {})
+                except TorchkeepError as e:
+                    warnings.warn(f"step {step} is unreadable: {e}", stacklevel=3)
+                    cached = {}
+            found[step] = cached
+        with self._lock:
+            self._metrics = found
+        return found
+
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        """Note a step just committed (saves re-reading its manifest)."""
+        with self._lock:
+            self._metrics[step] = dict(metrics)
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with ``step``."""
+        found = self.refresh()
+        if step not in found:
+            raise CheckpointNotFoundError(f"no committed step {step}", source=self.name)
+        return dict(found[step])
+
+    def infos(self) -> list[StepInfo]:
+        """Committed steps with their metrics, oldest first."""
+        return [StepInfo(s, m) for s, m in sorted(self.refresh().items())]
+
+    def best_step(self, metric: str, mode: Mode = "min") -> int | None:
+        """The committed step with the best ``metric``."""
+        return best_step(self.infos(), metric, mode)
+
+    def plan(self, policy: Policy | None, *, best_metric: str | None = None,
+             best_mode: Mode = "min") -> RetentionPlan:
+        """What ``policy`` keeps (with reasons) and deletes among the committed steps."""
+        return plan_retention(self.infos(), policy, best_metric=best_metric, best_mode=best_mode)
+
+    def delete(self, steps: list[int], *, durable: bool = True) -> list[int]:
+        """Delete committed steps safely (rename away, sync, remove); returns those deleted.
+
+        A step that cannot be deleted produces a warning, not an error.
+        """
+        deleted = []
+        for step in steps:
+            doomed = self.fs.join(self.root, deleting_name(step))
+            try:
+                self.fs.rename(self.step_path(step), doomed)
+                if durable:
+                    self.fs.fsync_dir(self.root)
+                with self._lock:
+                    self._metrics.pop(step, None)
+                deleted.append(step)
+                self.fs.rmtree(doomed)
+            except TorchkeepError as e:
+                warnings.warn(f"could not delete step {step}: {e}", stacklevel=2)
+        return deleted
+
+    def summary(self, step: int) -> StepSummary:
+        """Size, metrics, time and tensor count of one committed step."""
+        path = self.step_path(step)
+        manifest = read_manifest(self.fs, path, verify=False)
+        nbytes = sum(self.fs.size(self.fs.join(path, n)) for n in self.fs.listdir(path))
+        tensors = manifest.get("tensors")
+        return StepSummary(step, path, dict(manifest.get("metrics") or {}), nbytes,
+                           manifest.get("created"),
+                           len(tensors) if isinstance(tensors, dict) else 0)
