@@ -22,7 +22,9 @@ from torchkeep.storage.source import Source, open_source
 from torchkeep.tree import StorageRef
 from torchkeep.unpickle import Allowlist, AllowSpec
 
-__all__ = ["Describer", "SaveOptions", "load", "parse", "save"]
+__all__ = [
+    "Describer", "SaveOptions", "load", "parse", "resolve_format", "save", "write_tree",
+]
 
 Backend = Literal["torch", "numpy"]
 WRITABLE_FORMATS = ("torch", "torch-legacy", "safetensors")
@@ -84,7 +86,8 @@ class Describer:
         return self._torch.storage_bytes(ref)
 
 
-def _resolve_format(f: Any, format: str | None) -> str:
+def resolve_format(f: Any, format: str | None) -> str:
+    """The format to write: ``format`` when given, else from the path's suffix."""
     if format is not None:
         if format not in WRITABLE_FORMATS:
             raise ValueError(f"format must be one of {', '.join(WRITABLE_FORMATS)}, got {format!r}")
@@ -113,11 +116,12 @@ def save(
     written (and, with ``options.durable``, fsynced). Unsupported objects raise
     UnsupportedTypeError naming where they sit (``obj['model']['fc1']: ...``).
     """
-    fmt = _resolve_format(f, format)
-    _write(obj, f, fmt, Describer(), options)
+    fmt = resolve_format(f, format)
+    write_tree(obj, f, fmt, Describer(), options)
 
 
-def _write(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOptions) -> None:
+def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOptions) -> None:
+    """Write ``obj`` to ``f`` in ``fmt`` with ``describer`` (atomic for paths)."""
     from torchkeep.formats.safetensors import write_safetensors
     from torchkeep.formats.torch_legacy import write_torch_legacy
     from torchkeep.formats.torch_zip import archive_name_for, write_torch_zip

@@ -1,0 +1,182 @@
+"""``torchkeep.inspect``: what a checkpoint holds, from its metadata only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from torchkeep.api import parse
+from torchkeep.dtypes import DType
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.tree import (
+    Device,
+    PickledObject,
+    Size,
+    SparseRef,
+    StorageView,
+    Symbol,
+    TensorRef,
+    join_path,
+)
+from torchkeep.unpickle import AllowSpec
+
+__all__ = ["Inspection", "TensorEntry", "ValueEntry", "inspect", "leaves"]
+
+_CONTAINERS = (dict, list, tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """A tensor as ``inspect`` lists it."""
+
+    name: str
+    path: tuple[Any, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    device: str
+    requires_grad: bool = False
+    parameter: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ValueEntry:
+    """A non-tensor leaf (a number, string, None, ...) as ``inspect`` lists it."""
+
+    name: str
+    path: tuple[Any, ...]
+    repr: str
+    type: str
+
+
+@dataclass(slots=True)
+class Inspection:
+    """The whole report: format, writer facts, tensors, values and totals."""
+
+    path: str
+    format: str
+    writer: dict[str, Any]
+    tensors: list[TensorEntry] = field(default_factory=list)
+    values: list[ValueEntry] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all tensors (a storage shared by several views counts once per view)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def parameters(self) -> int:
+        """Elements of all tensors."""
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    def by_dtype(self) -> dict[str, dict[str, int]]:
+        """``{dtype: {"tensors": n, "elements": n, "bytes": n}}``, largest first."""
+        totals: dict[str, dict[str, int]] = {}
+        for t in self.tensors:
+            row = totals.setdefault(t.dtype, {"tensors": 0, "elements": 0, "bytes": 0})
+            row["tensors"] += 1
+            row["elements"] += math.prod(t.shape)
+            row["bytes"] += t.nbytes
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]["bytes"]))
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented ``--json`` shape."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "writer": self.writer,
+            "num_tensors": len(self.tensors),
+            "total_bytes": self.total_bytes,
+            "parameters": self.parameters,
+            "by_dtype": self.by_dtype(),
+            "tensors": [
+                {"name": t.name, "path": list(t.path), "dtype": t.dtype, "shape": list(t.shape),
+                 "nbytes": t.nbytes, "device": t.device, "requires_grad": t.requires_grad,
+                 "parameter": t.parameter}
+                for t in self.tensors
+            ],
+            "values": [{"name": v.name, "path": list(v.path), "repr": v.repr, "type": v.type}
+                       for v in self.values],
+        }
+
+
+def leaves(tree: Any, *, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(path, leaf)`` for every non-container value of ``tree`` (tensors included);
+    empty containers are leaves too. Shared sub-trees are visited at each path; cycles end
+    the walk there."""
+    budget = [limits.max_tree_nodes]
+    active: set[int] = set()
+
+    def walk(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+        budget[0] -= 1
+        if budget[0] < 0:
+            limits.check("max_tree_nodes", limits.max_tree_nodes + 1, "objects in the tree")
+        if isinstance(obj, _CONTAINERS) and not isinstance(obj, Size) and obj:
+            if id(obj) in active or len(path) > limits.max_depth:
+                yield path, obj
+                return
+            active.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                yield from walk(value, (*path, key))
+            active.discard(id(obj))
+            return
+        yield path, obj
+
+    yield from walk(tree, ())
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    if isinstance(value, DType):
+        text = str(value)
+    elif isinstance(value, (Size, Device, Symbol)):
+        text = repr(value)
+    elif isinstance(value, np.ndarray):
+        text = f"ndarray({value.dtype}, shape={list(value.shape)})"
+    elif isinstance(value, PickledObject):
+        text = f"<{value.qualname}>"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _entries(tree: Any, limits: Limits) -> tuple[list[TensorEntry], list[ValueEntry]]:
+    tensors: list[TensorEntry] = []
+    values: list[ValueEntry] = []
+    for path, leaf in leaves(tree, limits=limits):
+        name = join_path(path)
+        if isinstance(leaf, TensorRef):
+            tensors.append(TensorEntry(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes,
+                                       leaf.location, leaf.requires_grad, leaf.parameter))
+        elif isinstance(leaf, SparseRef):
+            nbytes = sum(p.nbytes for p in leaf.parts)
+            tensors.append(TensorEntry(name, path, leaf.parts[-1].dtype.name, leaf.size, nbytes,
+                                       leaf.layout))
+        elif isinstance(leaf, StorageView):
+            tensors.append(TensorEntry(name, path, leaf.dtype.name,
+                                       (leaf.storage.nbytes // leaf.dtype.itemsize,),
+                                       leaf.storage.nbytes, leaf.storage.location))
+        elif isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc":
+            tensors.append(TensorEntry(name, path, f"numpy.{leaf.dtype}", leaf.shape,
+                                       leaf.nbytes, "cpu"))
+        else:
+            values.append(ValueEntry(name, path, _short_repr(leaf), type(leaf).__name__))
+    return tensors, values
+
+
+def inspect(f: Any, *, allow: Iterable[AllowSpec] = (),
+            limits: Limits = DEFAULT_LIMITS) -> Inspection:
+    """What ``f`` holds: format, writer facts, every tensor's dtype/shape/bytes, every
+    other value, read from metadata only (no tensor bytes, no torch)."""
+    parsed = parse(f, allow=allow, limits=limits)
+    try:
+        tensors, values = _entries(parsed.tree, limits)
+        writer = {k: v for k, v in parsed.info.items() if v is not None}
+        writer.setdefault("byteorder", parsed.byteorder)
+        return Inspection(parsed.source.name, parsed.format, writer, tensors, values)
+    finally:
+        parsed.close()

@@ -1,0 +1,161 @@
+"""``torchkeep.verify``: are the bytes on disk the bytes the writer wrote?"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from torchkeep.api import parse_source
+from torchkeep.errors import CorruptCheckpointError, IntegrityError, TorchkeepError
+from torchkeep.formats.detect import detect
+from torchkeep.formats.manifest import read_manifest
+from torchkeep.formats.ziparchive import ZipArchive
+from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.filesystem import open_filesystem
+from torchkeep.storage.source import Source, open_source
+from torchkeep.unpickle import Allowlist
+
+__all__ = ["Verification", "verify"]
+
+_CHUNK = 16 << 20
+
+
+@dataclass(slots=True)
+class Verification:
+    """What was checked, and the first problem found (None when intact)."""
+
+    path: str
+    format: str
+    checked: int = 0
+    checked_bytes: int = 0
+    unchecked: list[str] = field(default_factory=list)
+    problem: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        """True when every checksum matched and the structure is sound."""
+        return self.problem is None
+
+
+def _crc_of(source: Source, offset: int, size: int, progress: Callable[[int], None]) -> int:
+    crc = 0
+    buffer = bytearray(min(size, _CHUNK))
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        n = min(_CHUNK, size - done)
+        source.readinto(offset + done, view[:n])
+        crc = zlib.crc32(view[:n], crc)
+        done += n
+        progress(n)
+    return crc
+
+
+def _xxh3_of(source: Source, offset: int, size: int, progress: Callable[[int], None]) -> str:
+    digest = xxhash.xxh3_64()
+    buffer = bytearray(min(size, _CHUNK))
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        n = min(_CHUNK, size - done)
+        source.readinto(offset + done, view[:n])
+        digest.update(view[:n])
+        done += n
+        progress(n)
+    return f"{digest.intdigest():016x}"
+
+
+def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
+           progress: Callable[[int], None] | None = None) -> Verification:
+    """Check every checksum ``f`` carries (zip CRC-32s, step-manifest xxh3s) and its
+    structure (safetensors bounds, pickle, storage sizes). Never raises for corruption:
+    the result names the first bad record or tensor."""
+    tick = progress or (lambda n: None)
+    if isinstance(f, (str, os.PathLike)):
+        text = str(os.fspath(f))
+        if "://" in text or os.path.isdir(text):
+            return _verify_step(text, tick)
+    source = open_source(f)
+    try:
+        fmt = detect(source)
+        result = Verification(source.name, fmt)
+        try:
+            if fmt == "torch":
+                _verify_zip(source, result, limits, tick)
+            # structure: the full parse checks sizes, bounds, pickle and views
+            parse_source(source, allowlist=Allowlist(), limits=limits)
+        except CorruptCheckpointError as e:
+            if result.problem is None:
+                result.problem = e.reason
+        if fmt == "safetensors":
+            result.notes.append("safetensors carries no checksums: header and bounds checked")
+        elif fmt in ("torch-legacy", "pickle"):
+            result.notes.append(f"the {fmt} format carries no checksums: structure checked")
+        return result
+    finally:
+        source.close()
+
+
+def _verify_zip(source: Source, result: Verification, limits: Limits,
+                tick: Callable[[int], None]) -> None:
+    archive = ZipArchive(source, limits=limits)
+    for name in archive.order:
+        member = archive.members[name]
+        if member.crc == 0 and member.size:
+            result.unchecked.append(name)
+            continue
+        if member.stored:
+            actual = _crc_of(source, member.data_offset, member.size, tick)
+        else:
+            actual = zlib.crc32(archive.read(name, verify=False))
+            tick(member.size)
+        if actual != member.crc:
+            result.problem = (f"record {name!r}: CRC-32 {actual:08x} does not match the "
+                              f"recorded {member.crc:08x}")
+            return
+        result.checked += 1
+        result.checked_bytes += member.size
+    if result.unchecked:
+        result.notes.append(f"{len(result.unchecked)} records carry no CRC-32 (written with "
+                            "torch.serialization.set_crc32_options(False))")
+
+
+def _verify_step(directory: str, tick: Callable[[int], None]) -> Verification:
+    fs, path = open_filesystem(directory)
+    result = Verification(fs.describe(path), "torchkeep")
+    try:
+        manifest = read_manifest(fs, path, verify=True)
+        result.checked += 1
+        tensors = manifest.get("tensors")
+        if not isinstance(tensors, dict):
+            raise CorruptCheckpointError("manifest has no tensor table")
+        sources: dict[str, Source] = {}
+        try:
+            for name, entry in tensors.items():
+                for chunk in entry.get("chunks", []):
+                    file_name = str(chunk["file"])
+                    if "/" in file_name or file_name.startswith("."):
+                        raise CorruptCheckpointError(f"tensor {name!r}: bad file name")
+                    if file_name not in sources:
+                        sources[file_name] = fs.source(fs.join(path, file_name))
+                    source = sources[file_name]
+                    offset, size = int(chunk["offset"]), int(chunk["nbytes"])
+                    if offset < 0 or offset + size > source.size:
+                        raise CorruptCheckpointError(
+                            f"tensor {name!r} runs past the end of {file_name}")
+                    if _xxh3_of(source, offset, size, tick) != chunk["xxh3"]:
+                        raise IntegrityError(f"tensor {name!r} does not match its checksum")
+                    result.checked += 1
+                    result.checked_bytes += size
+        finally:
+            for source in sources.values():
+                source.close()
+    except (CorruptCheckpointError, KeyError, TypeError, ValueError) as e:
+        result.problem = e.reason if isinstance(e, TorchkeepError) else f"malformed manifest ({e})"
+    return result
