@@ -32,6 +32,9 @@ from torchkeep.limits import Limits
 from torchkeep.tree import Device, PickledObject, Size, TensorRef
 
 if TYPE_CHECKING:
+    from torchkeep.comparison import compare
+    from torchkeep.conversion import convert
+    from torchkeep.loading import LoadReport, PartialLoadError, load_into
     from torchkeep.manager import (
         AnyOf,
         CheckpointManager,
@@ -44,11 +47,14 @@ if TYPE_CHECKING:
         RNGState,
         StateMismatchError,
     )
+    from torchkeep.summary import inspect
+    from torchkeep.unpickle.scanner import scan
+    from torchkeep.verification import verify
 
 __version__ = "0.1.0"
 
-# Names whose modules import torch: loaded on first use, so ``import torchkeep`` (and the
-# numpy backend) never imports torch.
+# Loaded on first use: some of these import torch, and ``import torchkeep`` (and the numpy
+# backend) must not; the others are kept out of the start-up of every command.
 _LAZY = {
     "AnyOf": "torchkeep.manager",
     "CheckpointManager": "torchkeep.manager",
@@ -60,6 +66,14 @@ _LAZY = {
     "RNGState": "torchkeep.manager",
     "ResumableSampler": "torchkeep.manager",
     "StateMismatchError": "torchkeep.manager",
+    "LoadReport": "torchkeep.loading",
+    "PartialLoadError": "torchkeep.loading",
+    "load_into": "torchkeep.loading",
+    "inspect": "torchkeep.summary",
+    "scan": "torchkeep.unpickle.scanner",
+    "verify": "torchkeep.verification",
+    "compare": "torchkeep.comparison",
+    "convert": "torchkeep.conversion",
 }
 
 
@@ -90,8 +104,10 @@ __all__ = [
     "KeepLast",
     "LimitExceededError",
     "Limits",
+    "LoadReport",
     "ManagerOptions",
     "MissingDependencyError",
+    "PartialLoadError",
     "PickledObject",
     "PreemptionGuard",
     "RNGState",
@@ -107,7 +123,13 @@ __all__ = [
     "UnsupportedFormatError",
     "UnsupportedTypeError",
     "__version__",
+    "compare",
+    "convert",
+    "inspect",
     "load",
+    "load_into",
     "open",
     "save",
+    "scan",
+    "verify",
 ]
