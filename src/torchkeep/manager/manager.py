@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import warnings
@@ -28,15 +29,8 @@ from torchkeep.formats.manifest import (
     write_step,
 )
 from torchkeep.manager.layout import temporary_name
-from torchkeep.manager.retention import (
-    AnyOf,
-    KeepBest,
-    KeepEvery,
-    KeepLast,
-    Mode,
-    Policy,
-    RetentionPlan,
-)
+from torchkeep.manager.policy_spec import RetentionSpec
+from torchkeep.manager.retention import Mode, Policy, RetentionPlan
 from torchkeep.manager.rundir import RunDirectory
 from torchkeep.manager.staging import StagingArena
 from torchkeep.storage.filesystem import FileSystem
@@ -80,18 +74,15 @@ class ManagerOptions:
         if self.best_mode not in ("min", "max"):
             raise ValueError("best_mode must be 'min' or 'max'")
 
+    def retention_spec(self) -> RetentionSpec:
+        """The retention settings as data (what each manifest records)."""
+        return RetentionSpec(keep_last=self.keep_last, keep_best=self.keep_best,
+                             best_metric=self.best_metric, best_mode=self.best_mode,
+                             keep_every_steps=self.keep_every_steps)
+
     def policy(self) -> Policy | None:
         """The retention policy these options describe (None keeps everything)."""
-        policies: list[Policy] = []
-        if self.keep_last is not None:
-            policies.append(KeepLast(self.keep_last))
-        if self.keep_best is not None and self.best_metric is not None:
-            policies.append(KeepBest(self.keep_best, self.best_metric, self.best_mode))
-        if self.keep_every_steps is not None:
-            policies.append(KeepEvery(self.keep_every_steps))
-        if not policies:
-            return None
-        return policies[0] if len(policies) == 1 else AnyOf(tuple(policies))
+        return self.retention_spec().policy()
 
 
 _UNSET: Any = object()
@@ -249,7 +240,8 @@ class CheckpointManager:
                 fs, tmp, step=step, skeleton=skeleton, payloads=payloads,
                 storage_bytes=storage_bytes, metrics=metrics, fsync=durable,
                 extra={"torch_version": torch.__version__,
-                       "torchkeep_version": torchkeep.__version__},
+                       "torchkeep_version": torchkeep.__version__,
+                       "retention": dataclasses.asdict(self.options.retention_spec())},
             )
             fs.rename(tmp, final)
         except BaseException:
