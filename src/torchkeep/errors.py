@@ -16,6 +16,7 @@
     ├── StorageError(OSError)                reading or writing the medium failed
     ├── MissingDependencyError(ImportError)  an optional package (torch, fsspec) is needed
     ├── AsyncSaveError(RuntimeError)         a background save failed; the cause is chained
+    ├── DeviceError(RuntimeError)            tensors saved on a device this machine lacks
     └── DistributedError(RuntimeError)       a collective failed on one or more ranks
 
 Each class also subclasses the nearest builtin, so ``except ValueError`` keeps working
@@ -31,6 +32,7 @@ __all__ = [
     "AsyncSaveError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "DeviceError",
     "DistributedError",
     "FormatError",
     "IntegrityError",
@@ -125,6 +127,13 @@ class MissingDependencyError(TorchkeepError, ImportError):
     """An optional dependency (torch, fsspec) is required for this operation."""
 
     exit_code = 2
+
+
+class DeviceError(TorchkeepError, RuntimeError):
+    """A storage's saved location cannot be restored here (no CUDA, an unknown backend);
+    ``map_location`` says where to put it instead."""
+
+    exit_code = 3
 
 
 class AsyncSaveError(TorchkeepError, RuntimeError):

@@ -20,11 +20,12 @@ from torchkeep.tree import (
     StorageView,
     Symbol,
     TensorRef,
+    deep_recursion,
     join_path,
 )
 from torchkeep.unpickle import AllowSpec
 
-__all__ = ["Inspection", "TensorEntry", "ValueEntry", "inspect", "leaves"]
+__all__ = ["Inspection", "SharedRef", "TensorEntry", "ValueEntry", "inspect", "leaves"]
 
 _CONTAINERS = (dict, list, tuple)
 
@@ -62,6 +63,8 @@ class Inspection:
     writer: dict[str, Any]
     tensors: list[TensorEntry] = field(default_factory=list)
     values: list[ValueEntry] = field(default_factory=list)
+    #: tensors and values together, in tree order
+    entries: list[TensorEntry | ValueEntry] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -104,30 +107,51 @@ class Inspection:
         }
 
 
-def leaves(tree: Any, *, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """``(path, leaf)`` for every non-container value of ``tree`` (tensors included);
-    empty containers are leaves too. Shared sub-trees are visited at each path; cycles end
-    the walk there."""
-    budget = [limits.max_tree_nodes]
-    active: set[int] = set()
+class SharedRef:
+    """A container already listed at another path (pickles share objects by reference)."""
 
-    def walk(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
-        budget[0] -= 1
-        if budget[0] < 0:
-            limits.check("max_tree_nodes", limits.max_tree_nodes + 1, "objects in the tree")
+    __slots__ = ("path",)
+
+    def __init__(self, path: tuple[Any, ...]) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"(the same object as {join_path(self.path) or 'the root'})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SharedRef) and join_path(other.path) == join_path(self.path)
+
+    def __hash__(self) -> int:
+        return hash(join_path(self.path))
+
+
+def leaves(tree: Any, *, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(path, leaf)`` for every non-container value of ``tree`` (tensors included), in
+    tree order; empty containers are leaves too. A container reached again (a shared
+    sub-tree, or a cycle) is not walked twice: it appears as a SharedRef to its first path.
+    Nesting deeper than ``limits.max_depth`` raises LimitExceededError.
+    """
+    found: list[tuple[tuple[Any, ...], Any]] = []
+    first_path: dict[int, tuple[Any, ...]] = {}
+
+    def walk(obj: Any, path: tuple[Any, ...]) -> None:
         if isinstance(obj, _CONTAINERS) and not isinstance(obj, Size) and obj:
-            if id(obj) in active or len(path) > limits.max_depth:
-                yield path, obj
+            if len(path) >= limits.max_depth:
+                limits.check("max_depth", len(path) + 1, "nesting depth")
+            known = first_path.get(id(obj))
+            if known is not None:
+                found.append((path, SharedRef(known)))
                 return
-            active.add(id(obj))
+            first_path[id(obj)] = path
             items = obj.items() if isinstance(obj, dict) else enumerate(obj)
             for key, value in items:
-                yield from walk(value, (*path, key))
-            active.discard(id(obj))
+                walk(value, (*path, key))
             return
-        yield path, obj
+        found.append((path, obj))
 
-    yield from walk(tree, ())
+    with deep_recursion(limits):
+        walk(tree, ())
+    yield from found
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -144,9 +168,9 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _entries(tree: Any, limits: Limits) -> tuple[list[TensorEntry], list[ValueEntry]]:
-    tensors: list[TensorEntry] = []
-    values: list[ValueEntry] = []
+def _entries(tree: Any, limits: Limits) -> list[TensorEntry | ValueEntry]:
+    entries: list[TensorEntry | ValueEntry] = []
+    tensors = values = entries
     for path, leaf in leaves(tree, limits=limits):
         name = join_path(path)
         if isinstance(leaf, TensorRef):
@@ -165,7 +189,7 @@ def _entries(tree: Any, limits: Limits) -> tuple[list[TensorEntry], list[ValueEn
                                        leaf.nbytes, "cpu"))
         else:
             values.append(ValueEntry(name, path, _short_repr(leaf), type(leaf).__name__))
-    return tensors, values
+    return entries
 
 
 def inspect(f: Any, *, allow: Iterable[AllowSpec] = (),
@@ -174,9 +198,11 @@ def inspect(f: Any, *, allow: Iterable[AllowSpec] = (),
     other value, read from metadata only (no tensor bytes, no torch)."""
     parsed = parse(f, allow=allow, limits=limits)
     try:
-        tensors, values = _entries(parsed.tree, limits)
+        entries = _entries(parsed.tree, limits)
         writer = {k: v for k, v in parsed.info.items() if v is not None}
         writer.setdefault("byteorder", parsed.byteorder)
-        return Inspection(parsed.source.name, parsed.format, writer, tensors, values)
+        return Inspection(parsed.source.name, parsed.format, writer,
+                          [e for e in entries if isinstance(e, TensorEntry)],
+                          [e for e in entries if isinstance(e, ValueEntry)], entries)
     finally:
         parsed.close()

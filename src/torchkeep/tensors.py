@@ -16,7 +16,12 @@ import torch
 from torchkeep import dtypes
 from torchkeep.arrays import tensor_to_numpy
 from torchkeep.dtypes import DType
-from torchkeep.errors import FormatError, UnsupportedTypeError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    DeviceError,
+    FormatError,
+    UnsupportedTypeError,
+)
 from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.loader import StorageLoader, swap_unit
@@ -103,7 +108,13 @@ class _Restorer:
                             f"got {type(where).__name__}")
         if target == _CPU:
             return storage
-        return default_restore_location(storage, target)
+        try:
+            return default_restore_location(storage, target)
+        except RuntimeError as e:
+            raise DeviceError(
+                f"cannot place a storage saved at {location!r} on {target!r}: "
+                f"{str(e).splitlines()[0]} (pass map_location='cpu' to load on the CPU)"
+            ) from e
 
     def device_of(self, location: str) -> str:
         """Where a storage-less tensor saved at ``location`` goes."""
@@ -157,15 +168,24 @@ class TorchMaterializer:
             result = torch.empty((0,), dtype=dtype, device=storage.device)
             result.set_(storage, ref.offset, ref.shape, ref.stride)
             if ref.device is not None:
-                result = result.to(self.restore.device_of(ref.device))
+                target = self.restore.device_of(ref.device)
+                try:
+                    result = result.to(target)
+                except RuntimeError as e:
+                    raise DeviceError(f"cannot place a tensor saved on {ref.device!r} on "
+                                      f"{target!r}: {str(e).splitlines()[0]} (pass "
+                                      "map_location='cpu' to load on the CPU)") from e
             if ref.conj or ref.neg:
                 torch._utils.set_tensor_metadata(result, {"conj": ref.conj, "neg": ref.neg})
         if ref.parameter:
             result = torch.nn.Parameter(result, requires_grad=ref.requires_grad)
         elif ref.requires_grad:
+            if not (result.is_floating_point() or result.is_complex()):
+                raise CorruptCheckpointError(
+                    f"a {ref.dtype.name} tensor cannot require grad")
             result.requires_grad_(True)
         if ref.attrs:
-            torch._utils._set_obj_state(result, ref.attrs)
+            _set_attributes(result, ref.attrs)
         return result
 
     def convert(self, leaf: Any) -> Any:
@@ -181,7 +201,10 @@ class TorchMaterializer:
         if isinstance(leaf, DType):
             return to_torch_dtype(leaf)
         if isinstance(leaf, Device):
-            return torch.device(str(leaf))
+            try:
+                return torch.device(str(leaf))
+            except RuntimeError as e:
+                raise CorruptCheckpointError(f"bad device {str(leaf)!r}: {e}") from e
         if isinstance(leaf, Symbol):
             return _symbol(leaf)
         if isinstance(leaf, StorageView):
@@ -196,6 +219,19 @@ class TorchMaterializer:
     def tree(self, *, limits: Limits = DEFAULT_LIMITS) -> Any:
         """The whole tree with torch values in place of placeholders."""
         return map_tree(self.parsed.tree, self.convert, limits=limits)
+
+
+def _set_attributes(tensor: torch.Tensor, attrs: dict[str, Any]) -> None:
+    """Python attributes a tensor carried; never ones that shadow torch's own."""
+    for name in attrs:
+        if hasattr(torch.Tensor, name) or hasattr(torch.nn.Parameter, name):
+            raise CorruptCheckpointError(
+                f"tensor attribute {name!r} would replace torch.Tensor.{name}")
+    try:
+        for name, value in attrs.items():
+            setattr(tensor, name, value)
+    except (TypeError, AttributeError, RuntimeError, ValueError) as e:
+        raise CorruptCheckpointError(f"cannot set tensor attributes: {e}") from e
 
 
 def _symbol(leaf: Symbol) -> Any:

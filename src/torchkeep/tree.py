@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,9 +23,11 @@ __all__ = [
     "StorageView",
     "Symbol",
     "TensorRef",
+    "deep_recursion",
     "iter_tensors",
     "join_path",
     "map_tree",
+    "view_problem",
 ]
 
 
@@ -197,9 +201,77 @@ class PickledObject:
         return f"PickledObject({self.qualname}, args={self.args!r}, state={self.state!r})"
 
 
+#: Bound on any one size, stride or offset of a view (64-bit arithmetic stays exact).
+MAX_DIMENSION = 1 << 46
+
+
+def view_problem(
+    nbytes: int | None,
+    dtype: DType,
+    offset: Any,
+    shape: Any,
+    stride: Any,
+    limits: Limits = DEFAULT_LIMITS,
+) -> str | None:
+    """Why a view (offset, shape, stride in elements of ``dtype``) of a storage of
+    ``nbytes`` bytes is invalid, or None when it is valid.
+
+    The checks torch's ``set_`` makes, and more: ints only, no negative offset, size or
+    stride, every value below 2**46, every element inside the storage (``nbytes=None``:
+    a tensor without storage, not checked). Dims and element count beyond ``limits`` raise
+    LimitExceededError.
+    """
+    if not dtype.has_tensors:
+        return f"dtype {dtype.name} cannot back a tensor"
+    if type(offset) is not int or not all(type(v) is int for v in (*shape, *stride)):
+        return "offset, shape and stride must be ints"
+    if len(shape) != len(stride):
+        return f"shape {list(shape)} and stride {list(stride)} differ in length"
+    limits.check("max_tensor_dims", len(shape), "tensor dimensions")
+    values = (offset, *shape, *stride)
+    if any(v < 0 for v in values):
+        return (f"negative offset, size or stride (offset {offset}, shape {list(shape)}, "
+                f"stride {list(stride)})")
+    numel = math.prod(shape)
+    limits.check("max_tensor_elements", numel, "tensor elements")
+    if any(v >= MAX_DIMENSION for v in values):
+        return "a size, stride or offset of 2**46 or more"
+    itemsize = dtype.itemsize
+    if nbytes is None:
+        return None
+    if numel == 0:
+        if offset * itemsize > nbytes:
+            return f"offset {offset} lies beyond a storage of {nbytes} bytes"
+        return None
+    last = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
+    if (last + 1) * itemsize > nbytes:
+        return (f"view (offset {offset}, shape {list(shape)}, stride {list(stride)}, "
+                f"{dtype.name}) reaches byte {(last + 1) * itemsize}, outside its storage "
+                f"of {nbytes} bytes")
+    return None
+
+
 def join_path(path: tuple[Any, ...]) -> str:
     """The ``/``-joined display name of a tree path."""
     return "/".join(str(p) for p in path)
+
+
+@contextlib.contextmanager
+def deep_recursion(limits: Limits = DEFAULT_LIMITS) -> Iterator[None]:
+    """Room on the Python stack for walks ``limits.max_depth`` levels deep.
+
+    A recursive walk spends several frames per level; without this, Python's default
+    limit of 1000 frames would be hit before the ``max_depth`` check could fire.
+    """
+    previous = sys.getrecursionlimit()
+    needed = limits.max_depth * 8 + 1000
+    if previous < needed:
+        sys.setrecursionlimit(needed)
+    try:
+        yield
+    finally:
+        if previous < needed:
+            sys.setrecursionlimit(previous)
 
 
 def iter_tensors(
@@ -207,33 +279,37 @@ def iter_tensors(
 ) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """Yield ``(path, leaf)`` for every TensorRef / SparseRef in ``tree``, in tree order.
 
-    A leaf reached twice (tied weights) is yielded at each path. Cycles and nesting deeper
-    than ``limits.max_depth`` raise FormatError.
+    A leaf reached twice (tied weights) is yielded at each path. A container reached
+    twice (a shared sub-tree) is walked only the first time, so a pickle that shares one
+    list at every level cannot make the walk exponential. Cycles and nesting deeper than
+    ``limits.max_depth`` raise FormatError.
     """
-    budget = [limits.max_tree_nodes]
+    found: list[tuple[tuple[Any, ...], Any]] = []
+    seen: set[int] = set()
     active: set[int] = set()
 
-    def walk(obj: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
-        budget[0] -= 1
-        if budget[0] < 0:
-            limits.check("max_tree_nodes", limits.max_tree_nodes + 1, "objects in the tree")
+    def walk(obj: Any, path: tuple[Any, ...]) -> None:
         if isinstance(obj, (TensorRef, SparseRef)):
-            yield path, obj
+            found.append((path, obj))
             return
         if isinstance(obj, (dict, list, tuple)) and obj:
             if len(path) >= limits.max_depth:
                 limits.check("max_depth", len(path) + 1, "nesting depth")
-            if id(obj) in active:
+            oid = id(obj)
+            if oid in active:
                 raise CorruptCheckpointError(f"the object tree has a cycle at {join_path(path)!r}")
-            active.add(id(obj))
-            try:
-                items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-                for key, value in items:
-                    yield from walk(value, (*path, key))
-            finally:
-                active.discard(id(obj))
+            if oid in seen:
+                return
+            seen.add(oid)
+            active.add(oid)
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            for key, value in items:
+                walk(value, (*path, key))
+            active.discard(oid)
 
-    yield from walk(tree, ())
+    with deep_recursion(limits):
+        walk(tree, ())
+    yield from found
 
 
 def map_tree(tree: Any, leaf: Callable[[Any], Any], *, limits: Limits = DEFAULT_LIMITS) -> Any:
@@ -275,7 +351,8 @@ def map_tree(tree: Any, leaf: Callable[[Any], Any], *, limits: Limits = DEFAULT_
         keep.append(obj)
         return result
 
-    return walk(tree, 0)
+    with deep_recursion(limits):
+        return walk(tree, 0)
 
 
 def _rebuild_container(obj: Any, convert: Callable[[Any], Any]) -> Any:
@@ -287,9 +364,9 @@ def _rebuild_container(obj: Any, convert: Callable[[Any], Any]) -> Any:
             meta = getattr(obj, "_metadata", None)
             if meta is not None:
                 new._metadata = meta
-            for name, value in vars(obj).items():
-                if name != "_metadata":
-                    setattr(new, name, convert(value))
+            new.__dict__.update(
+                {name: convert(value) for name, value in vars(obj).items() if name != "_metadata"}
+            )
             return new
         if isinstance(obj, collections.Counter):
             return collections.Counter({k: convert(v) for k, v in obj.items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.formats.parsed import Parsed
 from torchkeep.formats.torch_legacy import stream_bytes
 from torchkeep.limits import DEFAULT_LIMITS, Limits
@@ -16,5 +17,12 @@ def read_plain_pickle(
 ) -> Parsed:
     """Parse a plain pickle (no torch storages) into its value; nothing is executed."""
     result = unpickle(stream_bytes(source), allowlist=allowlist, limits=limits, what="pickle")
-    info = {"trailing_bytes": source.size - result.end}
+    trailing = source.size - result.end
+    if trailing:
+        raise CorruptCheckpointError(
+            f"a pickle followed by {trailing} more bytes: not a plain pickle (a legacy torch "
+            "file with a damaged magic number, or several pickles in one file)",
+            source=source.name,
+        )
+    info = {"trailing_bytes": 0}
     return Parsed("pickle", result.value, source, {}, "little", info)

@@ -33,7 +33,7 @@ from torchkeep.formats.pickler import Describe
 from torchkeep.formats.treejson import TreeDecoder, TreeEncoder, contiguous_strides, dump_tree
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
-from torchkeep.tree import StorageRef, TensorRef
+from torchkeep.tree import MAX_DIMENSION, StorageRef, TensorRef, view_problem
 
 __all__ = ["METADATA_KEY", "read_safetensors", "write_safetensors"]
 
@@ -162,14 +162,15 @@ def read_safetensors(source: Source, *, limits: Limits = DEFAULT_LIMITS) -> Pars
     tree: Any
     encoded = (metadata or {}).get(METADATA_KEY)
     if encoded is not None:
-        tree = TreeDecoder(_view_resolver(refs, source.name), source.name, limits).decode(encoded)
+        resolve = _view_resolver(refs, source.name, limits)
+        tree = TreeDecoder(resolve, source.name, limits).decode(encoded)
         info["writer"] = "torchkeep"
     else:
         tree = {name: refs[name] for name in sorted(refs)}
     return Parsed("safetensors", tree, source, records, "little", info)
 
 
-def _view_resolver(refs: dict[str, TensorRef], source_name: str) -> Callable[
+def _view_resolver(refs: dict[str, TensorRef], source_name: str, limits: Limits) -> Callable[
         [Any, dict[str, Any]], TensorRef]:
     """How a tree node views a record: every view of one record shares its storage."""
 
@@ -177,28 +178,27 @@ def _view_resolver(refs: dict[str, TensorRef], source_name: str) -> Callable[
         return CorruptCheckpointError(f"torchkeep tree metadata: {message}", source=source_name)
 
     def resolve(name: Any, whole: dict[str, Any]) -> TensorRef:
-        base = refs.get(name)
+        base = refs.get(name) if isinstance(name, str) else None
         if base is None or base.storage is None:
             raise fail(f"refers to tensor {name!r}, which the file does not hold")
         storage = base.storage  # every view of a record shares its one storage
-        dtype = dtypes.by_name(whole["dtype"]) if "dtype" in whole else base.dtype
-        shape = tuple(int(s) for s in whole.get("shape", base.shape))
-        stride = tuple(int(s) for s in whole["stride"]) if "stride" in whole else (
-            contiguous_strides(shape)
-        )
-        offset = int(whole.get("offset", 0))
-        if len(shape) != len(stride) or offset < 0 or any(s < 0 for s in (*shape, *stride)):
-            raise fail(f"bad view of {name!r}")
-        if not dtype.has_tensors:
-            raise fail(f"dtype {dtype.name} cannot back a tensor")
-        if math.prod(shape):
-            last = offset + sum((a - 1) * b for a, b in zip(shape, stride, strict=True))
-            if (last + 1) * dtype.itemsize > storage.nbytes:
-                raise fail(f"view of {name!r} lies outside its {storage.nbytes} bytes")
-        elif offset * dtype.itemsize > storage.nbytes:
-            raise fail(f"view of {name!r} starts outside its {storage.nbytes} bytes")
+        dtype_name = whole.get("dtype", base.dtype.name)
+        if not isinstance(dtype_name, str):
+            raise fail(f"view of {name!r}: dtype must be a string")
+        dtype = dtypes.by_name(dtype_name)
+        shape, stride = whole.get("shape", list(base.shape)), whole.get("stride")
+        if not isinstance(shape, list) or not (stride is None or isinstance(stride, list)):
+            raise fail(f"view of {name!r}: shape and stride must be lists")
+        shape_t = tuple(shape)
+        if stride is None and all(type(s) is int and 0 <= s < MAX_DIMENSION for s in shape_t):
+            stride = list(contiguous_strides(shape_t))
+        offset = whole.get("offset", 0)
+        problem = view_problem(storage.nbytes, dtype, offset, shape_t, tuple(stride or ()),
+                               limits)
+        if problem is not None:
+            raise fail(f"view of {name!r}: {problem}")
         return TensorRef(
-            storage, dtype, offset, shape, stride,
+            storage, dtype, offset, shape_t, tuple(stride or ()),
             requires_grad=bool(whole.get("requires_grad", False)),
             parameter=bool(whole.get("parameter", False)),
         )

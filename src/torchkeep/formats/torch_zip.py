@@ -14,6 +14,7 @@ from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
 from torchkeep.tree import StorageRef, StorageView
 from torchkeep.unpickle import Allowlist, StorageClass, unpickle
+from torchkeep.unpickle.allowlist import LOCATION
 
 __all__ = ["archive_name_for", "archive_prefix", "read_torch_zip", "write_torch_zip"]
 
@@ -107,6 +108,8 @@ def read_torch_zip(
             raise CorruptCheckpointError("persistent id does not name a storage class")
         if type(key) is not str or type(location) is not str or type(numel) is not int:
             raise CorruptCheckpointError("persistent id fields have the wrong types")
+        if not LOCATION.match(location):
+            raise CorruptCheckpointError(f"storage {key}: bad location {location[:40]!r}")
         if numel < 0:
             raise CorruptCheckpointError(f"storage {key} has a negative size")
         nbytes = numel * storage_class.dtype.itemsize

@@ -87,7 +87,8 @@ class TreeDecoder:
         body = value[tag]
         try:
             return self.tagged(tag, body, value, depth)
-        except (TypeError, ValueError, KeyError, IndexError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError,
+                OverflowError) as e:
             if isinstance(e, CorruptCheckpointError):
                 raise
             raise self.fail(f"bad {tag} node ({e})") from None
@@ -124,6 +125,8 @@ class TreeDecoder:
         if tag == "$size":
             return Size(int(v) for v in body)
         if tag == "$dtype":
+            if not isinstance(body, str):
+                raise self.fail("$dtype must be a string")
             return dtypes.by_name(body)
         if tag == "$device":
             kind, _, index = str(body).partition(":")

@@ -15,6 +15,7 @@ import datetime
 import decimal
 import math
 import pathlib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from torchkeep.tree import (
     StorageView,
     Symbol,
     TensorRef,
+    view_problem,
 )
 
 if TYPE_CHECKING:
@@ -39,7 +41,18 @@ if TYPE_CHECKING:
 else:
     Machine = Any
 
-__all__ = ["NEVER_ALLOWED", "Allowlist", "AllowSpec", "Entry", "Pending", "StorageClass", "build"]
+__all__ = [
+    "DEVICE_TYPES",
+    "LOCATION",
+    "NEVER_ALLOWED",
+    "Allowlist",
+    "AllowSpec",
+    "Entry",
+    "Pending",
+    "StorageClass",
+    "build",
+    "dangerous",
+]
 
 Call = Callable[[Machine, tuple[Any, ...]], Any]
 
@@ -108,9 +121,42 @@ NEVER_ALLOWED = frozenset(
 )
 
 
-def _blocked(module: str) -> bool:
+#: Further modules whose globals run code or reach the network or disk when called; the
+#: scanner reports them unsafe (``allow=`` still may name them: they are not imported).
+RISKY_MODULES = frozenset({
+    "torch._inductor", "torch.utils._config_module", "torch.fx", "torch._dynamo",
+    "torch.distributed.rpc", "torch.testing", "torch.utils.data.datapipes", "numpy.lib.npyio",
+    "requests", "aiohttp", "httplib", "http.client", "urllib.request", "nturl2path", "pydoc",
+    "idlelib", "lib2to3", "ensurepip", "venv", "zipfile", "tarfile", "pkgutil", "imp",
+    "site", "sysconfig", "trace", "cProfile", "profile", "doctest",
+})
+#: Builtins that execute, import, reach attributes or open files.
+RISKY_BUILTINS = frozenset({
+    "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr",
+    "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "apply",
+    "execfile", "file", "reload", "memoryview", "type", "object", "super", "classmethod",
+    "staticmethod", "property",
+})
+
+
+def _prefixes(module: str) -> set[str]:
     parts = module.split(".")
-    return any(".".join(parts[: i + 1]) in NEVER_ALLOWED for i in range(len(parts)))
+    return {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+
+def _blocked(module: str) -> bool:
+    return bool(_prefixes(module) & NEVER_ALLOWED)
+
+
+def dangerous(qualname: str) -> bool:
+    """True for globals that run code or reach the system when called (never data)."""
+    module, _, name = qualname.rpartition(".")
+    module = _RENAMED_MODULES.get(module, module)
+    if module == "builtins":
+        return name in RISKY_BUILTINS
+    if module == "torch" and name in ("load", "save"):
+        return True
+    return bool(_prefixes(module) & (NEVER_ALLOWED | RISKY_MODULES))
 
 
 # -- argument checks -----------------------------------------------------------------------
@@ -147,31 +193,9 @@ def _check_view(
     shape: tuple[int, ...],
     stride: tuple[int, ...],
 ) -> None:
-    """A view must lie inside its storage: the check torch's ``set_`` does, and more."""
-    if not dtype.has_tensors:
-        raise m.fail(f"dtype {dtype.name} cannot back a tensor")
-    if len(shape) != len(stride):
-        raise m.fail(f"shape {shape} and stride {stride} differ in length")
-    if offset < 0:
-        raise m.fail(f"negative storage offset {offset}")
-    if any(s < 0 for s in shape):
-        raise m.fail(f"negative size in shape {shape}")
-    if any(s < 0 for s in stride):
-        raise m.fail(f"negative stride in {stride}")
-    numel = math.prod(shape)
-    m.limits.check("max_tensor_elements", numel, f"{m.what}: tensor elements")
-    itemsize = dtype.itemsize
-    if numel == 0:
-        if offset * itemsize > nbytes:
-            raise m.fail(f"storage offset {offset} beyond a storage of {nbytes} bytes")
-        return
-    last = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
-    if (last + 1) * itemsize > nbytes:
-        raise m.fail(
-            f"tensor view (offset {offset}, shape {list(shape)}, stride {list(stride)}, "
-            f"{dtype.name}) reaches byte {(last + 1) * itemsize}, outside its storage "
-            f"of {nbytes} bytes"
-        )
+    problem = view_problem(nbytes, dtype, offset, shape, stride, m.limits)
+    if problem is not None:
+        raise m.fail(f"tensor {problem}")
 
 
 def _tensor_metadata(m: Machine, metadata: Any) -> tuple[bool, bool]:
@@ -285,7 +309,7 @@ def _rebuild_parameter(m: Machine, args: tuple[Any, ...]) -> TensorRef:
 def _rebuild_parameter_with_state(m: Machine, args: tuple[Any, ...]) -> TensorRef:
     data, requires_grad, hooks, state = args
     tensor = _rebuild_parameter(m, (data, requires_grad, hooks))
-    tensor.attrs = _object_state(m, state)
+    tensor.attrs = _attribute_state(m, state, "Parameter") or None
     return tensor
 
 
@@ -297,7 +321,7 @@ def _rebuild_from_type_v2(m: Machine, args: tuple[Any, ...]) -> Any:
     tensor = _tensor_arg(m, result, "_rebuild_from_type_v2 result")
     if new_type.qualname == "torch.nn.parameter.Parameter" and not tensor.parameter:
         tensor = tensor.with_(parameter=True)
-    attrs = _object_state(m, state)
+    attrs = _attribute_state(m, state, "tensor")
     if attrs:
         tensor = tensor.with_(attrs={**(tensor.attrs or {}), **attrs})
     return tensor
@@ -386,9 +410,9 @@ def _rebuild_meta_tensor_no_storage(m: Machine, args: tuple[Any, ...]) -> Tensor
         raise m.fail("meta tensor dtype must be a torch dtype")
     shape = _ints(m, size, "size")
     strides = _ints(m, stride, "stride")
-    if len(shape) != len(strides):
-        raise m.fail("meta tensor shape and stride differ in length")
-    m.limits.check("max_tensor_elements", math.prod(shape), f"{m.what}: tensor elements")
+    problem = view_problem(None, dtype, 0, shape, strides, m.limits)
+    if problem is not None:
+        raise m.fail(f"meta tensor: {problem}")
     return TensorRef(
         storage=None,
         dtype=dtype,
@@ -403,8 +427,8 @@ def _rebuild_meta_tensor_no_storage(m: Machine, args: tuple[Any, ...]) -> Tensor
 def _rebuild_device_tensor_from_cpu_tensor(m: Machine, args: tuple[Any, ...]) -> TensorRef:
     data, _dtype, device, requires_grad = args
     tensor = _tensor_arg(m, data, "cpu tensor")
-    if type(device) is not str:
-        raise m.fail("device must be a string")
+    if type(device) is not str or not LOCATION.match(device):
+        raise m.fail(f"bad device string {device!r}")
     return tensor.with_(device=device, requires_grad=_bool(m, requires_grad, "requires_grad"))
 
 
@@ -416,6 +440,15 @@ def _unsupported(what: str) -> Call:
 
 
 # -- small torch values ----------------------------------------------------------------------
+
+#: Device types torch.device accepts (c10::DeviceType names).
+DEVICE_TYPES = frozenset({
+    "cpu", "cuda", "mkldnn", "opengl", "opencl", "ideep", "hip", "fpga", "maia", "xla",
+    "vulkan", "metal", "xpu", "mps", "meta", "hpu", "ve", "lazy", "ipu", "mtia",
+    "privateuseone",
+})
+#: What a storage location tag looks like: ``cpu``, ``cuda:1``, a backend name.
+LOCATION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(:\d{1,6})?$")
 
 
 def _size(m: Machine, args: tuple[Any, ...]) -> Size:
@@ -438,8 +471,8 @@ def _device(m: Machine, args: tuple[Any, ...]) -> Device:
         index = _int(m, args[1], "device index")
         if index < 0:
             raise m.fail("negative device index")
-    if not text.replace("_", "").isalnum():
-        raise m.fail(f"bad device type {text!r}")
+    if text not in DEVICE_TYPES:
+        raise m.fail(f"unknown device type {text!r}")
     return Device(text, index)
 
 
@@ -619,9 +652,9 @@ def _np_dtype(m: Machine, args: tuple[Any, ...]) -> _PendingDType:
         raise m.fail(f"numpy dtype {spec!r} is not allowed (object and time dtypes)")
     try:
         base = np.dtype(spec)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise m.fail(f"bad numpy dtype {spec!r}") from e
-    if base.hasobject or base.names is not None:
+    if base.hasobject or base.names is not None or base.itemsize == 0:
         raise m.fail(f"numpy dtype {spec!r} is not allowed")
     return _PendingDType(base)
 
@@ -678,23 +711,32 @@ def _np_scalar(m: Machine, args: tuple[Any, ...]) -> Any:
 # -- BUILD ---------------------------------------------------------------------------------
 
 
+def _attribute_state(m: Machine, state: Any, what: str) -> dict[str, Any]:
+    """Object state whose keys can only ever be plain attribute names."""
+    attrs = _object_state(m, state) or {}
+    for name in attrs:
+        if not name.isidentifier() or name.startswith("__"):
+            raise m.fail(f"{what} attribute {name!r} is not a plain attribute name")
+    return attrs
+
+
 def build(m: Machine, target: Any, state: Any) -> Any:
     """BUILD ``state`` into ``target``; returns the finished object (usually ``target``)."""
     kind = type(target)
     if kind is collections.OrderedDict:
-        target.__dict__.update(_object_state(m, state) or {})
+        target.__dict__.update(_attribute_state(m, state, "OrderedDict"))
         return target
     if kind is _PendingArray:
         return _finish_array(m, state)
     if kind is _PendingDType:
         return _finish_dtype(m, target, state)
     if kind is TensorRef:
-        attrs = _object_state(m, state)
+        attrs = _attribute_state(m, state, "tensor")
         if attrs:
             target.attrs = {**(target.attrs or {}), **attrs}
         return target
     if kind is argparse.Namespace:
-        for key, value in (_object_state(m, state) or {}).items():
+        for key, value in _attribute_state(m, state, "Namespace").items():
             setattr(target, key, value)
         return target
     if kind is PickledObject:
@@ -923,6 +965,11 @@ def unsafe_global(qualname: str, where: str) -> UnsafeCheckpointError:
         advice = (
             f"{module} is never allowed: naming it in a checkpoint is how pickle payloads run "
             "code. Do not load this file unless you wrote it."
+        )
+    elif dangerous(qualname):
+        advice = (
+            f"{qualname} runs code when called: no checkpoint needs it. Do not load this "
+            "file unless you wrote it."
         )
     else:
         advice = (

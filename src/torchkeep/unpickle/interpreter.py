@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from torchkeep.errors import CorruptCheckpointError, FormatError, TorchkeepError
+from torchkeep.errors import CorruptCheckpointError, TorchkeepError, UnsafeCheckpointError
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.unpickle.allowlist import Allowlist, Entry, Pending, build
 
@@ -714,14 +714,15 @@ def _persistent(m: _Machine, pid: Any) -> Any:
         raise m.fail("persistent id in a stream that has no storages")
     try:
         return m.persistent_load(pid)
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{m.what} offset {m.op_pos}: {e.reason}",
+                                    global_name=e.global_name) from e
     except TorchkeepError as e:
         raise m.fail(e.reason) from e
 
 
 def _ext(m: _Machine, size: int) -> None:
     code = int.from_bytes(m.take(size), "little")
-    from torchkeep.errors import UnsafeCheckpointError
-
     raise UnsafeCheckpointError(
         f"{m.what} offset {m.op_pos}: EXT{size} extension code {code} names a global "
         "through the copyreg extension registry; torchkeep never resolves those",
@@ -767,15 +768,15 @@ def unpickle(
                 raise m.fail(f"unknown opcode 0x{data[pos]:02x}")
             if handler(m) is _STOP:
                 break
-    except (IndexError, KeyError, TypeError, AttributeError) as e:
-        # stack underflow, unhashable keys and the like: structural corruption
-        raise m.fail(f"malformed stream ({type(e).__name__}: {e})") from e
+    except TorchkeepError:
+        raise
     except RecursionError as e:
         raise m.fail("structure nested too deeply") from e
+    except (IndexError, KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
+        # stack underflow, unhashable keys, values numpy or datetime reject: corruption
+        raise m.fail(f"malformed stream ({type(e).__name__}: {e})") from e
     except MemoryError as e:
         raise m.fail("ran out of memory building the stream's objects") from e
-    except FormatError:
-        raise
     if not m.stack:
         raise m.fail("STOP with an empty stack")
     value = m.stack.pop()

@@ -28,24 +28,10 @@ from torchkeep.formats.torch_legacy import is_legacy
 from torchkeep.formats.ziparchive import ZipArchive
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source, open_source
-from torchkeep.unpickle.allowlist import NEVER_ALLOWED, Allowlist
+from torchkeep.unpickle.allowlist import Allowlist, dangerous
 
 __all__ = ["Finding", "ScanReport", "scan", "scan_pickle_bytes"]
 
-#: Further modules whose globals are reported unsafe (they run code when called).
-_DANGEROUS_PREFIXES = NEVER_ALLOWED | {
-    "torch._inductor", "torch.utils._config_module", "torch.fx", "torch._dynamo",
-    "torch.distributed.rpc", "torch.testing", "torch.utils.data.datapipes", "numpy.lib.npyio",
-    "numpy.load", "requests", "aiohttp", "httplib", "http.client", "urllib.request", "nturl2path",
-    "pydoc", "idlelib", "lib2to3", "distutils", "ensurepip", "venv", "zipfile", "tarfile",
-    "pkgutil", "imp", "site", "sysconfig", "trace", "cProfile", "profile", "doctest",
-}
-_DANGEROUS_BUILTINS = {
-    "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr",
-    "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "apply",
-    "execfile", "file", "reload", "memoryview", "type", "object", "super", "classmethod",
-    "staticmethod", "property",
-}
 _SAFE_NAMES = Allowlist().names
 _RENAMED = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
@@ -94,15 +80,7 @@ def verdict_of(qualname: str) -> str:
     qualname = f"{module}.{name}"
     if qualname in _SAFE_NAMES:
         return "safe"
-    parts = module.split(".")
-    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
-    if prefixes & _DANGEROUS_PREFIXES and module not in ("builtins",):
-        return "unsafe"
-    if module == "builtins" and name in _DANGEROUS_BUILTINS:
-        return "unsafe"
-    if module == "builtins" or prefixes & {"__builtin__"}:
-        return "unknown"
-    return "unknown"
+    return "unsafe" if dangerous(qualname) else "unknown"
 
 
 class _Unknown:
