@@ -73,6 +73,8 @@ def tensor_to_numpy(loader: StorageLoader, ref: TensorRef) -> np.ndarray[Any, An
     unit = swap_unit(dtype.itemsize, dtype.kind == "complex")
     data = loader.view_bytes(ref.storage, unit)
     itemsize = dtype.itemsize
+    if ref.numel == 0:  # may start past the storage's end, which numpy refuses
+        return np.empty(ref.shape, dtype=np_dtype)
     array: np.ndarray[Any, Any] = np.ndarray(
         ref.shape,
         dtype=np_dtype,
@@ -81,9 +83,9 @@ def tensor_to_numpy(loader: StorageLoader, ref: TensorRef) -> np.ndarray[Any, An
         strides=tuple(s * itemsize for s in ref.stride),
     )
     if ref.neg:
-        array = np.negative(array)
+        array = np.asarray(np.negative(array))  # asarray: 0-d results stay arrays
     if ref.conj:
-        array = np.conj(array)
+        array = np.asarray(np.conj(array))
     return array
 
 

@@ -165,7 +165,9 @@ class TorchMaterializer:
         else:
             unit = swap_unit(ref.dtype.itemsize, ref.dtype.kind == "complex")
             storage = self.storage(ref.storage, unit)
-            result = torch.empty((0,), dtype=dtype, device=storage.device)
+            # an empty uint8 tensor viewed as the dtype: torch.empty(dtype=...) would run a
+            # fill kernel under use_deterministic_algorithms, which float4/bits dtypes lack
+            result = torch.empty((0,), dtype=torch.uint8, device=storage.device).view(dtype)
             result.set_(storage, ref.offset, ref.shape, ref.stride)
             if ref.device is not None:
                 target = self.restore.device_of(ref.device)
@@ -175,8 +177,9 @@ class TorchMaterializer:
                     raise DeviceError(f"cannot place a tensor saved on {ref.device!r} on "
                                       f"{target!r}: {str(e).splitlines()[0]} (pass "
                                       "map_location='cpu' to load on the CPU)") from e
-            if ref.conj or ref.neg:
-                torch._utils.set_tensor_metadata(result, {"conj": ref.conj, "neg": ref.neg})
+            if ref.conj or ref.neg:  # torch sets a bit for every key present, True or not
+                bits = {k: True for k, on in (("conj", ref.conj), ("neg", ref.neg)) if on}
+                torch._utils.set_tensor_metadata(result, bits)
         if ref.parameter:
             result = torch.nn.Parameter(result, requires_grad=ref.requires_grad)
         elif ref.requires_grad:

@@ -39,8 +39,12 @@ def inspect_command(path: str, as_json: bool, depth: int | None) -> None:
     if as_json:
         echo_json(report.to_json())
         return
-    writer = ", ".join(f"{k} {v}" for k, v in report.writer.items()
-                       if k not in ("metadata", "sys_info") and not isinstance(v, dict))
+    writer = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.writer.items()
+                       if k in _WRITER_FACTS and v not in (None, 0, ""))
+    metadata = {k: v for k, v in report.writer.get("metadata", {}).items() if k != "torchkeep"}
+    if metadata:
+        writer += (", " if writer else "") + "metadata " + ", ".join(
+            f"{k}={v[:40]}" for k, v in metadata.items())
     click.echo(f"{report.path}")
     click.echo(f"  format   {report.format}" + (f" ({writer})" if writer else ""))
     click.echo(f"  tensors  {len(report.tensors):,}, {report.parameters:,} elements, "
@@ -52,6 +56,11 @@ def inspect_command(path: str, as_json: bool, depth: int | None) -> None:
     for dtype, row in report.by_dtype().items():
         click.echo(f"  {dtype:<18} {row['tensors']:>6,} tensors {row['elements']:>16,} elements "
                    f"{human_bytes(row['bytes']):>12}")
+
+
+_WRITER_FACTS = ("archive_name", "version", "format_version", "storage_alignment", "byteorder",
+                 "compressed_records", "step", "created", "torch_version", "torchkeep_version",
+                 "writer", "header_bytes")
 
 
 def _print_tree(report: Any, depth: int | None) -> None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import click
 
+from torchkeep.cli.files import (
+    convert_command,
+    diff_command,
+    inspect_command,
+    scan_command,
+    verify_command,
+)
+from torchkeep.cli.runs import ls_command, prune_command
 from torchkeep.errors import TorchkeepError
 
 __all__ = ["cli", "main"]
@@ -38,6 +47,11 @@ def demo(files: bool, seed: int | None) -> None:
         raise SystemExit(1)
 
 
+for _command in (inspect_command, diff_command, convert_command, scan_command, verify_command,
+                 ls_command, prune_command):
+    cli.add_command(_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; TorchkeepErrors become one-line messages and exit codes."""
     try:
@@ -57,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         code: Any = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 130
+    except Exception as e:  # a bug: one line unless asked for the traceback
+        if os.environ.get("TORCHKEEP_DEBUG"):
+            raise
+        click.echo(f"torchkeep: internal error: {type(e).__name__}: {e} "
+                   "(set TORCHKEEP_DEBUG=1 for the traceback)", err=True)
+        return 1
     return 0
 
 

@@ -106,10 +106,24 @@ def train(
     committed step. ``stop_after`` ends the run after that step (as a kill would, but
     cleanly); a preemption ``guard`` that fires makes it save and stop at the next step.
     """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(config, run_dir, stop_after, on_step, guard)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: str,
+    stop_after: int | None,
+    on_step: Callable[[int, float], None] | None,
+    guard: torchkeep.PreemptionGuard | None,
+) -> TrainResult:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    torch.use_deterministic_algorithms(True)
     dataset = SyntheticCIFAR(config.samples, seed=1234)
     sampler = torchkeep.ResumableSampler(dataset, seed=config.seed)
     # The loader draws a seed from its generator every time an iterator starts; with its own

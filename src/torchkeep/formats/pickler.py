@@ -93,6 +93,7 @@ class TreePickler:
     def __init__(self, *, describe: Describe | None = None, legacy: bool = False) -> None:
         self.out = bytearray(b"\x80\x02")
         self.memo: dict[int, int] = {}
+        self._memo_size = 0  # memo indices handed out (several objects may share one)
         self._alive: list[Any] = []
         self.describe = describe
         self.legacy = legacy
@@ -140,12 +141,11 @@ class TreePickler:
     # -- memo ------------------------------------------------------------------------------
 
     def _put(self, obj: Any) -> None:
-        index = len(self.memo)
+        index = self._memo_size
+        self._memo_size += 1
         if obj is not None:
             self.memo[id(obj)] = index
             self._alive.append(obj)
-        else:
-            self.memo[-len(self.memo) - 1] = index  # a slot no object can ever hit
         self.out += b"q" + bytes((index,)) if index < 256 else b"r" + _pack_I(index)
 
     def _get(self, index: int) -> None:
@@ -375,13 +375,12 @@ class TreePickler:
         self._reduce_call("__builtin__", "frozenset", (list(obj),) if obj else (), obj)
 
     def _bytearray(self, obj: bytearray) -> None:
-        self._reduce_call("__builtin__", "bytearray", (obj.decode("latin-1"), "latin-1"), obj)
+        # the C pickler below protocol 5: bytearray(bytes(obj)), or bytearray() when empty
+        self._reduce_call("__builtin__", "bytearray", (bytes(obj),) if obj else (), obj)
 
     def _complex(self, obj: complex) -> None:
-        self._global("__builtin__", "complex")
-        self._fresh_tuple((obj.real, obj.imag))
-        self.out += b"\x81"
-        self._put(obj)
+        # copyreg's dispatch_table reduces complex to complex(real, imag)
+        self._reduce_call("__builtin__", "complex", (obj.real, obj.imag), obj)
 
     def _reduce_call(self, module: str, name: str, args: tuple[Any, ...], obj: Any) -> None:
         self._global(module, name)
@@ -400,7 +399,7 @@ class TreePickler:
             return
         module = _PY2_MODULES.get(module, module)
         self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-        index = len(self.memo)
+        index = self._memo_size
         self._put(key)
         if obj is not None:
             self.memo[id(obj)] = index
@@ -557,11 +556,12 @@ class TreePickler:
         if ref.dtype.storage_class is None:
             self._global("torch", ref.dtype.name, dtypes.DTYPES.get(ref.dtype.name))
         if ref.conj or ref.neg:
+            # torch builds these keys in C++: a fresh string each time, never a memo hit
             meta = {}
             if ref.conj:
-                meta["conj"] = True
+                meta["".join(("con", "j"))] = True
             if ref.neg:
-                meta["neg"] = True
+                meta["".join(("ne", "g"))] = True
             self.save(_FreshDict(meta))
         self.out += b"t"
         self._put(None)

@@ -293,6 +293,10 @@ def _plan(encoder: TreeEncoder) -> tuple[list[_Entry], dict[str, dict[str, Any]]
                 view["requires_grad"] = True
             if ref.parameter:
                 view["parameter"] = True
+            if ref.conj:
+                view["conj"] = True
+            if ref.neg:
+                view["neg"] = True
             views[name] = view
     return entries, views
 
@@ -323,11 +327,13 @@ def _apply_views(node: Any, views: dict[str, dict[str, Any]]) -> None:
         elif isinstance(current, dict):
             for tag in ("$tensor", "$ndarray"):
                 name = current.get(tag)
-                if isinstance(name, str) and name in views and len(current) <= 2:
+                if isinstance(name, str) and name in views:
                     view = dict(views[name])
                     record = view.pop("$tensor")
                     current[tag] = record
                     current.update(view)
+                    if "attrs" in current:
+                        stack.append(current["attrs"])
                     break
             else:
                 stack.extend(current.values())

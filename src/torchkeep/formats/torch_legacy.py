@@ -45,11 +45,30 @@ def stream_bytes(source: Source) -> Any:
     return source.read(0, source.size)
 
 
+_FIRST_PREFIX = 64 << 10  # read-ahead past the pickles is at most this much
+
+
 def read_torch_legacy(
     source: Source, *, allowlist: Allowlist, limits: Limits = DEFAULT_LIMITS
 ) -> Parsed:
-    """Parse a legacy-format checkpoint into placeholders."""
-    data = stream_bytes(source)
+    """Parse a legacy-format checkpoint into placeholders.
+
+    The pickles come first and the storages after them; a stream that cannot be mapped is
+    read in growing prefixes until the pickles fit, so its tensor bytes are never read.
+    """
+    if source.memory() is not None or (source.path is not None and source.size):
+        return _read_legacy(stream_bytes(source), source, allowlist, limits)
+    size = min(source.size, _FIRST_PREFIX)
+    while True:
+        try:
+            return _read_legacy(source.read(0, size), source, allowlist, limits)
+        except CorruptCheckpointError as e:
+            if "truncated" not in e.reason or size >= source.size:
+                raise
+            size = min(source.size, size * 4)
+
+
+def _read_legacy(data: Any, source: Source, allowlist: Allowlist, limits: Limits) -> Parsed:
     plain = Allowlist()
     pos = 0
 
@@ -130,7 +149,7 @@ def read_torch_legacy(
     for key in keys:
         if pos + 8 > source.size:
             raise CorruptCheckpointError(f"truncated before storage {key}", source=source.name)
-        (count,) = struct.unpack("<q", bytes(data[pos : pos + 8]))
+        (count,) = struct.unpack("<q", source.read(pos, 8))
         if count != declared[key]:
             raise CorruptCheckpointError(
                 f"storage {key} has {count} elements on disk, the pickle declares {declared[key]}",

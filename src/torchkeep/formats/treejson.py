@@ -58,6 +58,7 @@ class TreeDecoder:
         self.resolve = resolve
         self.name = name
         self.limits = limits
+        self.same: dict[str, Any] = {}
 
     def fail(self, message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"torchkeep tree metadata: {message}", source=self.name)
@@ -92,6 +93,31 @@ class TreeDecoder:
             if isinstance(e, CorruptCheckpointError):
                 raise
             raise self.fail(f"bad {tag} node ({e})") from None
+
+    def tensor_node(self, tag: str, body: Any, whole: dict[str, Any], depth: int) -> TensorRef:
+        """A tensor reference, with its conj/neg bits, Python attributes and identity."""
+        ref = self.resolve(body, whole)
+        changes: dict[str, Any] = {}
+        if tag == "$ndarray":
+            changes["numpy"] = True
+        if whole.get("conj") or whole.get("neg"):
+            if ref.dtype.kind != "complex" and whole.get("conj"):
+                raise self.fail("the conjugate bit is set on a non-complex tensor")
+            changes.update(conj=bool(whole.get("conj")), neg=bool(whole.get("neg")))
+        if "attrs" in whole:
+            attrs = self.node(whole["attrs"], depth + 1)
+            if not isinstance(attrs, dict) or not all(
+                    isinstance(k, str) and k.isidentifier() and not k.startswith("__")
+                    for k in attrs):
+                raise self.fail("tensor attributes must be plain attribute names")
+            changes["attrs"] = attrs
+        if changes:
+            ref = ref.with_(**changes)
+        if "id" in whole:
+            if not isinstance(whole["id"], str):
+                raise self.fail("a tensor id must be a string")
+            self.same[whole["id"]] = ref
+        return ref
 
     def pairs(self, body: Any, depth: int) -> list[tuple[Any, Any]]:
         if isinstance(body, dict):
@@ -131,10 +157,12 @@ class TreeDecoder:
         if tag == "$device":
             kind, _, index = str(body).partition(":")
             return Device(kind, int(index) if index else None)
-        if tag == "$tensor":
-            return self.resolve(body, whole)
-        if tag == "$ndarray":
-            return self.resolve(body, whole).with_(numpy=True)
+        if tag in ("$tensor", "$ndarray"):
+            return self.tensor_node(tag, body, whole, depth)
+        if tag == "$same":
+            if not isinstance(body, str) or body not in self.same:
+                raise self.fail(f"$same refers to {body!r}, which comes nowhere before it")
+            return self.same[body]
         if tag == "$ndbytes":
             dtype = np.dtype(whole["npdtype"])
             if dtype.hasobject:
@@ -292,17 +320,32 @@ class TreeEncoder:
             f"unsupported type {type(original).__module__}.{type(original).__qualname__}"
         )
 
+    def _repeat(self, original: Any) -> Any:
+        """The node for an object already encoded: ``{"$same": name}`` (the first node
+        gets an ``id``), so the reader gives back one object, as pickle would."""
+        first = self.nodes.get(id(original))
+        if first is None:
+            return None
+        name = first.get("$tensor", first.get("$ndarray"))
+        first["id"] = name
+        return {"$same": name}
+
     def tensor(self, ref: TensorRef, original: Any) -> Any:
         if ref.storage is None or ref.quantizer is not None or not ref.dtype.has_tensors:
             raise self.fail("this tensor kind cannot be saved as safetensors")
-        node = self.nodes.get(id(original))
-        if node is not None:
-            return node
+        repeat = self._repeat(original)
+        if repeat is not None:
+            return repeat
         name = self.unique_name()
         self.tensors.append((name, ref, None))
         self.originals[name] = original
-        node = {"$tensor": name}
+        node: dict[str, Any] = {"$tensor": name}
+        if ref.attrs:
+            self.path.append("<attributes>")
+            node["attrs"] = self.encode(dict(ref.attrs))
+            self.path.pop()
         self.nodes[id(original)] = node
+        self.originals[f"<keep {name}>"] = original  # ids stay valid while encoding
         return node
 
     def ndarray(self, array: np.ndarray[Any, Any]) -> Any:
@@ -315,12 +358,18 @@ class TreeEncoder:
             data = np.ascontiguousarray(array)
             return {"$ndbytes": base64.b64encode(data.tobytes()).decode("ascii"),
                     "npdtype": array.dtype.str, "shape": list(array.shape)}
+        repeat = self._repeat(array)
+        if repeat is not None:
+            return repeat
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")
                                     if array.dtype.byteorder == ">" else array.dtype)
         name = self.unique_name()
         ref = TensorRef(StorageRef(name, dtype, data.nbytes), dtype, 0, tuple(array.shape),
                         contiguous_strides(tuple(array.shape)))
-        self.tensors.append((name, ref, data))
-        return {"$ndarray": name}
+        self.tensors.append((name, ref, data.reshape(-1).view(np.uint8)))
+        node = {"$ndarray": name}
+        self.nodes[id(array)] = node
+        self.originals[f"<keep {name}>"] = array
+        return node
 
 

@@ -45,6 +45,7 @@ class StorageLoader:
             )
             raise StorageError(f"mmap=True is not possible: {why}", source=parsed.source.name)
         self.use_mmap = mappable if mmap is None else bool(mmap)
+        self.require_mmap = mmap is True
         self._mapped: dict[int, np.ndarray[Any, Any]] = {}
         self._cache: dict[str, np.ndarray[Any, Any]] = {}
 
@@ -105,6 +106,9 @@ class StorageLoader:
             return out
         if record.decode is None:
             raise CorruptCheckpointError(f"record {record.name!r} has no data")
+        if self.require_mmap:
+            raise StorageError(f"mmap=True is not possible: record {record.name!r} is "
+                               "compressed", source=self.parsed.source.name)
         raw = record.decode()
         if len(raw) != record.nbytes:
             raise CorruptCheckpointError(f"record {record.name!r} decoded to the wrong size")

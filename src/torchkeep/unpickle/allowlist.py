@@ -822,7 +822,7 @@ def _default_table() -> dict[str, Any]:
     add("builtins.frozenset", _frozenset)
     add("builtins.bytes", _bytes)
     add("builtins.bytearray", _bytearray)
-    add("builtins.complex", _complex)
+    add("builtins.complex", _complex, _complex)
     add("builtins.slice", _slice)
     table["builtins.object"] = _marker("builtins.object")
     add("_codecs.encode", _codecs_encode)
