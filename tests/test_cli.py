@@ -247,7 +247,8 @@ def test_ls_shows_steps_metrics_and_reasons(run, tmp_path) -> None:
     assert doc["steps"][0]["metrics"] == {"loss": 1.0}
     assert doc["steps"][0]["reason"].startswith("best loss")
     what_if = run("ls", path, "--keep-last", "1", "--json").json()
-    assert [s["kept"] for s in what_if["steps"]] == [False, False, True]
+    # the run recorded best_metric=loss: its best step (10) stays protected
+    assert [s["kept"] for s in what_if["steps"]] == [True, False, True]
 
 
 def test_prune_uses_the_policies_and_spares_newest_and_best(run, tmp_path) -> None:
@@ -300,3 +301,10 @@ def test_numpy_values_show_in_inspect(run, tmp_path) -> None:
     doc = run("inspect", path, "--json").json()
     assert doc["tensors"][0]["dtype"] == "numpy.int64"
     assert doc["values"][0]["repr"] == "None"
+
+
+def test_prune_protects_the_runs_own_best_step_without_metric_flag(run, tmp_path) -> None:
+    path = _run_dir(tmp_path)  # recorded best_metric=loss: step 10 is the best
+    doc = run("prune", path, "--keep-last", "1", "--dry-run", "--json").json()
+    assert doc["would_delete"] == [30]
+    assert doc["kept"]["10"].startswith("best loss")

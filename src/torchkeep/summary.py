@@ -200,6 +200,10 @@ def inspect(f: Any, *, allow: Iterable[AllowSpec] = (),
     try:
         entries = _entries(parsed.tree, limits)
         writer = {k: v for k, v in parsed.info.items() if v is not None}
+        metadata = writer.get("metadata")
+        if isinstance(metadata, dict) and "torchkeep" in metadata:  # the tree itself: long
+            writer["metadata"] = {**metadata,
+                                  "torchkeep": f"<tree, {len(metadata['torchkeep'])} bytes>"}
         writer.setdefault("byteorder", parsed.byteorder)
         return Inspection(parsed.source.name, parsed.format, writer,
                           [e for e in entries if isinstance(e, TensorEntry)],

@@ -128,7 +128,7 @@ def _verify_zip(source: Source, result: Verification, limits: Limits,
 
 def _verify_step(directory: str, tick: Callable[[int], None]) -> Verification:
     fs, path = open_filesystem(directory)
-    result = Verification(fs.describe(path), "torchkeep")
+    result = Verification(directory, "torchkeep")
     try:
         manifest = read_manifest(fs, path, verify=True)
         result.checked += 1

@@ -35,15 +35,19 @@ def _spec(run: Any, keep_last: int | None, keep_best: int | None, metric: str | 
 
     if keep_best is not None and metric is None:
         raise click.UsageError("--keep-best needs --metric")
-    if any(v is not None for v in (keep_last, keep_best, keep_every_steps)):
-        return RetentionSpec(keep_last=keep_last, keep_best=keep_best, best_metric=metric,
-                             best_mode=mode, keep_every_steps=keep_every_steps), "flags"  # type: ignore[arg-type]
     steps = run.steps()
+    recorded = None
     if steps:
         recorded = RetentionSpec.from_fields(
             read_manifest(run.fs, run.step_path(steps[-1]), verify=False).get("retention"))
-        if recorded is not None:
-            return recorded, f"recorded by step {steps[-1]}"
+    if any(v is not None for v in (keep_last, keep_best, keep_every_steps)):
+        if metric is None and recorded is not None and recorded.best_metric is not None:
+            # the run's own best step stays protected even when the flags do not name it
+            metric, mode = recorded.best_metric, recorded.best_mode
+        return RetentionSpec(keep_last=keep_last, keep_best=keep_best, best_metric=metric,
+                             best_mode=mode, keep_every_steps=keep_every_steps), "flags"  # type: ignore[arg-type]
+    if recorded is not None:
+        return recorded, f"recorded by step {steps[-1]}"
     return RetentionSpec(best_metric=metric, best_mode=mode), "none"  # type: ignore[arg-type]
 
 
@@ -109,7 +113,8 @@ def prune_command(run_dir: str, keep_last: int | None, keep_best: int | None,
                   metric: str | None, mode: str, keep_every_steps: int | None, dry_run: bool,
                   as_json: bool) -> None:
     """Delete the steps a retention policy does not keep (the manager's own policies;
-    the newest step and the best step by --metric are never deleted)."""
+    the newest step and the best step, by --metric or else by the metric the run recorded,
+    are never deleted)."""
     from torchkeep.manager.rundir import RunDirectory
 
     run = RunDirectory(run_dir, create=False)

@@ -52,6 +52,7 @@ class RunDirectory:
             fs, root = open_filesystem(directory)
         self.fs = fs
         self.root = root
+        self._display = str(os.fspath(directory)) if directory is not None else None
         if create:
             fs.makedirs(root)
         elif not fs.isdir(root):
@@ -61,8 +62,8 @@ class RunDirectory:
 
     @property
     def name(self) -> str:
-        """The directory as a user would write it."""
-        return self.fs.describe(self.root)
+        """The directory as the user gave it (else as its file system names it)."""
+        return self._display or self.fs.describe(self.root)
 
     def step_path(self, step: int) -> str:
         """The folder of committed step ``step``."""
@@ -174,6 +175,7 @@ class RunDirectory:
         manifest = read_manifest(self.fs, path, verify=False)
         nbytes = sum(self.fs.size(self.fs.join(path, n)) for n in self.fs.listdir(path))
         tensors = manifest.get("tensors")
-        return StepSummary(step, path, dict(manifest.get("metrics") or {}), nbytes,
+        shown = self.fs.join(self.name, step_name(step))
+        return StepSummary(step, shown, dict(manifest.get("metrics") or {}), nbytes,
                            manifest.get("created"),
                            len(tensors) if isinstance(tensors, dict) else 0)
