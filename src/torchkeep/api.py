@@ -65,6 +65,8 @@ class Describer:
 
             self._torch = TorchDescriber()
         self._sources: dict[int, Callable[[StorageRef], Any]] = {}
+        #: called with the size of each storage handed to a writer (progress bars)
+        self.on_bytes: Callable[[int], None] | None = None
 
     def __call__(self, obj: Any) -> Any:
         if self._torch is not None:
@@ -76,14 +78,19 @@ class Describer:
         self._sources[id(ref)] = provider
 
     def storage_bytes(self, ref: StorageRef) -> Any:
+        """The bytes of ``ref`` for a writer (from its file, or from torch)."""
         provider = self._sources.get(id(ref))
         if provider is not None:
-            return provider(ref)
-        if self._torch is None:
+            data = provider(ref)
+        elif self._torch is None:
             raise UnsupportedTypeError(
                 f"storage {ref.key!r} has no bytes to save (a placeholder without its file)"
             )
-        return self._torch.storage_bytes(ref)
+        else:
+            data = self._torch.storage_bytes(ref)
+        if self.on_bytes is not None:
+            self.on_bytes(ref.nbytes)
+        return data
 
 
 def resolve_format(f: Any, format: str | None) -> str:

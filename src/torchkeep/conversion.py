@@ -148,6 +148,7 @@ def convert(
         if select_key:
             tree = select(tree, select_key)
         describer = Describer()
+        describer.on_bytes = progress
         placeholders = _Placeholders(parsed, describer)
         tree, cast = placeholders.register_tree(tree, target, limits)
         fmt = resolve_format(dst, to)
@@ -164,8 +165,6 @@ def convert(
             _write_shards(tree, tensors, os.fspath(dst), fmt, describer, options,
                           max_shard_bytes, result)
         result.bytes = sum(os.path.getsize(f) for f in result.files)
-        if progress is not None:
-            progress(result.bytes)
         return result
     finally:
         parsed.close()

@@ -175,8 +175,9 @@ def convert_command(src: str, dst: str, to: str | None, select_key: str | None,
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
     try:
-        result = convert(src, dst, to=to, select_key=select_key, dtype=dtype,
-                         max_shard_bytes=shard_bytes)
+        with progress(_size_of(src), "convert") as advance:
+            result = convert(src, dst, to=to, select_key=select_key, dtype=dtype,
+                             max_shard_bytes=shard_bytes, progress=advance)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--select") from None
     if as_json:
@@ -226,11 +227,12 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
     else:
         for r in reports:
             names = {f.name for f in r.findings}
+            pickles = _plural(r.pickles, "pickle")
             if r.clean:
-                click.echo(f"{r.path}: clean ({r.format}, {r.pickles} pickles, "
-                           f"{len(names)} distinct globals, all allowed)")
+                click.echo(f"{r.path}: clean ({r.format}, {pickles}, "
+                           f"{_plural(len(names), 'distinct global')}, all allowed)")
                 continue
-            click.echo(f"{r.path}: {len(r.flagged)} findings ({r.format}, {r.pickles} pickles)")
+            click.echo(f"{r.path}: {_plural(len(r.flagged), 'finding')} ({r.format}, {pickles})")
             for f in r.flagged:
                 detail = f"  {f.detail}" if f.detail else ""
                 click.echo(f"  {f.verdict:<8} {f.name:<44} {f.opcode} at {f.location} "
@@ -243,6 +245,10 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
         raise SystemExit(1)
     if unreadable or any(r.errors for r in reports):
         raise SystemExit(3)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 # -- verify ------------------------------------------------------------------------------
