@@ -111,8 +111,9 @@ class _Restorer:
         try:
             return default_restore_location(storage, target)
         except RuntimeError as e:
+            where = f"on {target!r}" if target != location else "there"
             raise DeviceError(
-                f"cannot place a storage saved at {location!r} on {target!r}: "
+                f"tensors were saved on {location!r} and cannot be placed {where}: "
                 f"{str(e).splitlines()[0]} (pass map_location='cpu' to load on the CPU)"
             ) from e
 

@@ -233,10 +233,15 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
                            f"{_plural(len(names), 'distinct global')}, all allowed)")
                 continue
             click.echo(f"{r.path}: {_plural(len(r.flagged), 'finding')} ({r.format}, {pickles})")
+            groups: dict[tuple[str, str], list[Any]] = {}
             for f in r.flagged:
+                groups.setdefault((f.verdict, f.name), []).append(f)
+            for (verdict, name), found in groups.items():
+                f = found[0]
+                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
                 detail = f"  {f.detail}" if f.detail else ""
-                click.echo(f"  {f.verdict:<8} {f.name:<44} {f.opcode} at {f.location} "
-                           f"offset {f.offset}{detail}")
+                click.echo(f"  {verdict:<8} {name:<44} {f.opcode} at {f.location} "
+                           f"offset {f.offset}{more}{detail}")
             for error in r.errors:
                 click.echo(f"  incomplete: {error}")
         for _, message in unreadable:
