@@ -18,6 +18,7 @@ from torchkeep.formats.detect import detect, format_for_suffix
 from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.atomic import write_atomically
+from torchkeep.storage.gcpause import gc_paused
 from torchkeep.storage.source import Source, open_source
 from torchkeep.tree import StorageRef
 from torchkeep.unpickle import Allowlist, AllowSpec
@@ -124,7 +125,8 @@ def save(
     UnsupportedTypeError naming where they sit (``obj['model']['fc1']: ...``).
     """
     fmt = resolve_format(f, format)
-    write_tree(obj, f, fmt, Describer(), options)
+    with gc_paused():
+        write_tree(obj, f, fmt, Describer(), options)
 
 
 def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOptions) -> None:
@@ -248,10 +250,12 @@ def load(
     numpy arrays and works without torch installed. ``allow`` admits extra globals
     (see UnsafeCheckpointError); ``limits`` raises parser limits for trusted files.
     """
-    parsed = parse(f, allow=allow, limits=limits)
+    with gc_paused():
+        parsed = parse(f, allow=allow, limits=limits)
     try:
-        return materializer(parsed, backend=backend, map_location=map_location,
-                            mmap=mmap).tree(limits=limits)
+        with gc_paused():
+            return materializer(parsed, backend=backend, map_location=map_location,
+                                mmap=mmap).tree(limits=limits)
     except TorchkeepError as e:
         e.with_source(parsed.source.name)
         raise

@@ -51,11 +51,17 @@ MapLocation = (
 _CPU = "cpu"  # one interned object, as torch's location tagger returns
 
 
+_TO_TORCH: dict[str, torch.dtype] = {}
+
+
 def to_torch_dtype(dtype: DType) -> torch.dtype:
     """The torch.dtype of a torchkeep DType."""
-    value = getattr(torch, dtype.name, None)
-    if not isinstance(value, torch.dtype):
-        raise FormatError(f"this torch ({torch.__version__}) has no dtype {dtype.name}")
+    value = _TO_TORCH.get(dtype.name)
+    if value is None:
+        value = getattr(torch, dtype.name, None)
+        if not isinstance(value, torch.dtype):
+            raise FormatError(f"this torch ({torch.__version__}) has no dtype {dtype.name}")
+        _TO_TORCH[dtype.name] = value
     return value
 
 
@@ -143,11 +149,20 @@ class TorchMaterializer:
         self.loader = StorageLoader(parsed, mmap=mmap)
         self.restore = _Restorer(map_location)
         self._storages: dict[str, torch.UntypedStorage] = {}
+        #: tensors built straight from their bytes, by storage key (their storage is theirs)
+        self._owners: dict[str, torch.Tensor] = {}
+        self._cpu = self.restore.fixed in (None, _CPU) and not callable(map_location) \
+            and not isinstance(map_location, dict)
 
     def storage(self, ref: StorageRef, unit: int) -> torch.UntypedStorage:
         """The one torch storage of ``ref`` (created on first use, then shared)."""
         found = self._storages.get(ref.key)
         if found is not None:
+            return found
+        owner = self._owners.pop(ref.key, None)
+        if owner is not None:  # made by the fast path below; share its storage
+            found = owner.untyped_storage()
+            self._storages[ref.key] = found
             return found
         data = self.loader.view_bytes(ref, unit)
         cpu = torch.from_numpy(data).untyped_storage() if data.nbytes else torch.UntypedStorage()
@@ -155,10 +170,31 @@ class TorchMaterializer:
         self._storages[ref.key] = placed
         return placed
 
+    def _plain(self, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor | None:
+        """The common case, with fewer torch calls: a CPU tensor that is its whole storage,
+        contiguous, with no flags. None when the general path is needed."""
+        storage = ref.storage
+        if (storage is None or storage.location != _CPU or storage.key in self._storages
+                or storage.key in self._owners or ref.device is not None or ref.conj
+                or ref.neg or ref.quantizer is not None or not ref.numel
+                or storage.base is not None or not ref.covers_storage()):
+            return None
+        unit = swap_unit(ref.dtype.itemsize, ref.dtype.kind == "complex")
+        data = self.loader.view_bytes(storage, unit)
+        result = torch.from_numpy(data)
+        if dtype is not torch.uint8:
+            result = result.view(dtype)
+        result = result.view(ref.shape)
+        self._owners[storage.key] = result
+        return result
+
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """The torch tensor a TensorRef describes."""
         dtype = to_torch_dtype(ref.dtype)
-        if ref.storage is None:
+        plain = self._plain(ref, dtype) if self._cpu else None
+        if plain is not None:
+            result = plain
+        elif ref.storage is None:
             device = self.restore.device_of(ref.location)
             result = torch.empty_strided(ref.shape, ref.stride, dtype=dtype, device=device)
         elif ref.quantizer is not None:

@@ -207,7 +207,8 @@ def write_torch_zip(
     .data/serialization_id.
     """
     import sys
-    import zlib
+
+    from torchkeep.storage.checksums import crc32_async
 
     pickler = TreePickler(describe=describe)
     pickle_bytes = pickler.dump(obj)
@@ -220,8 +221,9 @@ def write_torch_zip(
         data = memoryview(storage_bytes(ref)).cast("B")
         if data.nbytes != ref.nbytes:
             raise CorruptCheckpointError(f"storage {index} changed size while saving")
+        crc = crc32_async(data) if checksum and data.nbytes else None
         zw.begin(f"data/{index}", data.nbytes)
-        zw.payload(data)
-        zw.end(zlib.crc32(data) if checksum and data.nbytes else 0)
+        zw.payload(data)  # written while the CRC runs on the other core
+        zw.end(crc.result() if crc is not None else 0)
     zw.add("version", b"3\n")
     return zw.finish()
