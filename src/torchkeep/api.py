@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -69,6 +70,11 @@ class Describer:
         #: called with the size of each storage handed to a writer (progress bars)
         self.on_bytes: Callable[[int], None] | None = None
 
+    @property
+    def has_torch(self) -> bool:
+        """True when torch is loaded (the tree may hold torch objects)."""
+        return self._torch is not None
+
     def __call__(self, obj: Any) -> Any:
         if self._torch is not None:
             return self._torch(obj)
@@ -92,6 +98,21 @@ class Describer:
         if self.on_bytes is not None:
             self.on_bytes(ref.nbytes)
         return data
+
+
+def _torch_pickle(obj: Any) -> tuple[bytes, list[tuple[int, Callable[[], Any]]]] | None:
+    """data.pkl and storage getters from the C pickler (None: use the tree pickler)."""
+    from torchkeep.tensors import cpu_bytes
+    from torchkeep.torch_pickler import NeedsTreePickler, pickle_torch_tree
+
+    try:
+        pickle_bytes, entries = pickle_torch_tree(obj)
+    except NeedsTreePickler:
+        return None
+    storages: list[tuple[int, Callable[[], Any]]] = [
+        (e.storage.nbytes(), functools.partial(cpu_bytes, e.storage)) for e in entries
+    ]
+    return pickle_bytes, storages
 
 
 def resolve_format(f: Any, format: str | None) -> str:
@@ -133,10 +154,21 @@ def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOp
     """Write ``obj`` to ``f`` in ``fmt`` with ``describer`` (atomic for paths)."""
     from torchkeep.formats.safetensors import write_safetensors
     from torchkeep.formats.torch_legacy import write_torch_legacy
-    from torchkeep.formats.torch_zip import archive_name_for, write_torch_zip
+    from torchkeep.formats.torch_zip import (
+        archive_name_for,
+        write_torch_zip,
+        write_torch_zip_records,
+    )
+
+    fast = _torch_pickle(obj) if fmt == "torch" and describer.has_torch else None
 
     def produce(write: Callable[[Any], Any]) -> None:
-        if fmt == "torch":
+        if fast is not None:
+            pickle_bytes, storages = fast
+            write_torch_zip_records(write, pickle_bytes, storages,
+                                    archive_name=archive_name_for(f),
+                                    alignment=options.alignment, checksum=options.checksum)
+        elif fmt == "torch":
             write_torch_zip(obj, write, describe=describer, storage_bytes=describer.storage_bytes,
                             archive_name=archive_name_for(f), alignment=options.alignment,
                             checksum=options.checksum)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
@@ -202,24 +203,41 @@ def write_torch_zip(
 ) -> int:
     """Write ``obj`` in torch's zip format, as ``torch.save`` lays it out; returns bytes written.
 
-    Records: data.pkl, .format_version, .storage_alignment, byteorder, data/<key> (each
-    storage's bytes in native order, payloads ``alignment``-aligned), version and
-    .data/serialization_id.
+    Pickles with torchkeep's own (torch-free) pickler; see ``write_torch_zip_records``.
+    """
+    pickler = TreePickler(describe=describe)
+    pickle_bytes = pickler.dump(obj)
+    storages = [(ref.nbytes, functools.partial(storage_bytes, ref)) for ref in pickler.storages]
+    return write_torch_zip_records(write, pickle_bytes, storages, archive_name=archive_name,
+                                   alignment=alignment, checksum=checksum)
+
+
+def write_torch_zip_records(
+    write: Callable[[Any], Any],
+    pickle_bytes: bytes,
+    storages: Sequence[tuple[int, Callable[[], Any]]],
+    *,
+    archive_name: str = "archive",
+    alignment: int = 64,
+    checksum: bool = True,
+) -> int:
+    """The records of a torch zip checkpoint: data.pkl, .format_version,
+    .storage_alignment, byteorder, data/<key> for each ``(nbytes, get_bytes)`` in key order
+    (payloads ``alignment``-aligned, native byte order), version, .data/serialization_id.
+    CRC-32s are computed on a second core while each record is written.
     """
     import sys
 
     from torchkeep.storage.checksums import crc32_async
 
-    pickler = TreePickler(describe=describe)
-    pickle_bytes = pickler.dump(obj)
     zw = ZipWriter(write, archive_name, alignment=alignment, compute_crc=checksum)
     zw.add("data.pkl", pickle_bytes)
     zw.add(".format_version", b"1")
     zw.add(".storage_alignment", str(alignment).encode("ascii"))
     zw.add("byteorder", sys.byteorder.encode("ascii"))
-    for index, ref in enumerate(pickler.storages):
-        data = memoryview(storage_bytes(ref)).cast("B")
-        if data.nbytes != ref.nbytes:
+    for index, (nbytes, get_bytes) in enumerate(storages):
+        data = memoryview(get_bytes()).cast("B")
+        if data.nbytes != nbytes:
             raise CorruptCheckpointError(f"storage {index} changed size while saving")
         crc = crc32_async(data) if checksum and data.nbytes else None
         zw.begin(f"data/{index}", data.nbytes)
