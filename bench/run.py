@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -59,6 +60,25 @@ def prepare(workdir: Path, state: str) -> None:
                 pass
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def settle(warm: Path | None) -> None:
+    """The same page-cache state before every operation: dirty data written back, clean
+    cache dropped when allowed (root), and the operation's input file read back in.
+
+    Without dropping, a write's speed on this kind of VM swung 0.5-2.8 s per GiB with how
+    much old cache the kernel had to reclaim first.
+    """
+    os.sync()
+    if os.access(DROP_CACHES, os.W_OK):
+        DROP_CACHES.write_text("1")
+    if warm is not None:
+        with open(warm, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def run_op(workdir: Path, state: str, op: str) -> dict[str, Any]:
     folder = workdir / state
     if op in LOAD_FILE:
@@ -66,7 +86,7 @@ def run_op(workdir: Path, state: str, op: str) -> dict[str, Any]:
     else:
         path = folder / f"out-{op}{SAVE_SUFFIX.get(op, '.pt')}"
         _remove(path)
-    os.sync()
+    settle(path if op in LOAD_FILE else None)
     proc = subprocess.run([sys.executable, str(HERE / "worker.py"), "--op", op, "--state", state,
                            "--path", str(path)], capture_output=True, text=True, env=ENV,
                           check=False)
@@ -216,8 +236,13 @@ def main() -> int:
         print(f"preparing {state} ...", flush=True)
         prepare(workdir, state)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    shuffler = random.Random(20261129)
     for round_ in range(args.rounds):
-        for state, op in plan:
+        # a different order each round: on a virtual disk an fsync right after another
+        # operation's large write is slower, so a fixed order would bias fixed positions
+        order = list(plan)
+        shuffler.shuffle(order)
+        for state, op in order:
             print(f"round {round_ + 1}/{args.rounds}  {state:<5} {op}", flush=True)
             results.setdefault(state, {}).setdefault(op, []).append(run_op(workdir, state, op))
     inspect = inspect_time(workdir, args.rounds, args.inspect_gib) if args.inspect_gib else None

@@ -44,6 +44,19 @@ def _shift_mix(v: int) -> int:
     return v ^ (v >> 47)
 
 
+_HASHES: dict[bytes, int] = {}
+
+
+def cached_string_hash(data: bytes) -> int:
+    """``string_hash`` remembered per name (record names repeat from save to save)."""
+    found = _HASHES.get(data)
+    if found is None:
+        if len(_HASHES) > 1 << 20:
+            _HASHES.clear()
+        found = _HASHES[data] = string_hash(data)
+    return found
+
+
 def string_hash(data: bytes) -> int:
     """libstdc++'s ``std::hash<std::string>`` on 64-bit (``_Hash_bytes``, seed 0xc70f6907)."""
     n = len(data)
@@ -139,7 +152,7 @@ def _unordered_set_order(hashes: list[int]) -> list[int]:
 def serialization_id(names: Iterable[str], crcs: Iterable[int]) -> str:
     """The 40-digit id for records ``names`` (write order) with non-empty-record ``crcs``."""
     names = list(names)
-    hashes = [string_hash(name.encode("utf-8")) for name in names]
+    hashes = [cached_string_hash(name.encode("utf-8")) for name in names]
     name_hash = 0
     for i in _unordered_set_order(hashes):
         name_hash = hash_combine(name_hash, hashes[i])

@@ -20,6 +20,13 @@ __all__ = ["ZipWriter"]
 
 _U32_MAX = 0xFFFFFFFF
 _SMALL_WRITE = 1 << 16
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+_DESC = struct.Struct("<4sIII")
+_DESC64 = struct.Struct("<4sIQQ")
+_H = struct.Struct("<H")
+#: the padding extra field for every pad length below 64 (the default alignment)
+_PADS = [b"FB" + struct.pack("<H", n) + b"Z" * n for n in range(64)]
 
 
 @dataclass(slots=True)
@@ -80,6 +87,9 @@ class ZipWriter:
 
     def _padding(self, name: bytes, size: int) -> bytes:
         start = self.offset + 30 + len(name) + 4
+        if size < _U32_MAX and self.offset < _U32_MAX:  # the common case, no zip64 block
+            pad = (-start) % self.alignment
+            return _PADS[pad] if pad < len(_PADS) else b"FB" + _H.pack(pad) + b"Z" * pad
         zip64 = b""
         if size >= _U32_MAX or self.offset >= _U32_MAX:
             start += 4
@@ -98,10 +108,8 @@ class ZipWriter:
         """Write the local header of ``record`` whose payload will have ``size`` bytes."""
         name = (self.prefix + record).encode("utf-8")
         extra = self._padding(name, size)
-        flags = 0x0808 if size else 0x0800
-        header = struct.pack(
-            "<4sHHHHHIIIHH", b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra)
-        )
+        header = _LOCAL.pack(b"PK\x03\x04", 0, 0x0808 if size else 0x0800, 0, 0, 0, 0, 0, 0,
+                             len(name), len(extra))
         self._entries.append(_Entry(name, self.offset, size, 0))
         self._names.append(record)
         self._emit(header + name + extra)
@@ -118,9 +126,9 @@ class ZipWriter:
         if entry.size:
             self._crcs.append(entry.crc)
             if entry.size >= _U32_MAX or entry.offset >= _U32_MAX:
-                desc = struct.pack("<4sIQQ", b"PK\x07\x08", entry.crc, entry.size, entry.size)
+                desc = _DESC64.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size)
             else:
-                desc = struct.pack("<4sIII", b"PK\x07\x08", entry.crc, entry.size, entry.size)
+                desc = _DESC.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size)
             self._emit(desc)
 
     def add(self, record: str, data: Any) -> None:
@@ -153,8 +161,7 @@ class ZipWriter:
                 offset32 = _U32_MAX
             extra = struct.pack("<HH", 1, len(zip64)) + zip64 if zip64 else b""
             flags = 0x0808 if entry.size else 0x0800
-            directory += struct.pack(
-                "<4sHHHHHHIIIHHHHHII",
+            directory += _CENTRAL.pack(
                 b"PK\x01\x02", 0, 0, flags, 0, 0, 0, entry.crc, size32, size32,
                 len(entry.name), len(extra), 0, 0, 0, 0, offset32,
             )
