@@ -38,6 +38,7 @@ from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe
 from torchkeep.formats.treejson import TreeDecoder, TreeEncoder, contiguous_strides
 from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.checksums import digest_async
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.storage.source import open_source
 from torchkeep.tree import StorageRef, TensorRef
@@ -127,6 +128,7 @@ def _write_data(
     offset = 0
     for payload in payloads:
         data = payload.bytes(storage_bytes)
+        digest = digest_async(xxhash.xxh3_64_intdigest, data)  # runs while data is written
         pad = -offset % ALIGNMENT
         if pad:
             write(b"\0" * pad)
@@ -145,7 +147,7 @@ def _write_data(
                 "file": file_name,
                 "offset": offset,
                 "nbytes": data.nbytes,
-                "xxh3": checksum(data),
+                "xxh3": f"{digest.result():016x}",
             }],
         }
         offset += data.nbytes

@@ -33,6 +33,7 @@ from torchkeep.manager.policy_spec import RetentionSpec
 from torchkeep.manager.retention import Mode, Policy, RetentionPlan
 from torchkeep.manager.rundir import RunDirectory
 from torchkeep.manager.staging import StagingArena
+from torchkeep.storage.background import drain
 from torchkeep.storage.filesystem import FileSystem
 from torchkeep.tensors import TorchMaterializer
 
@@ -252,7 +253,7 @@ class CheckpointManager:
         if durable:
             fs.fsync_dir(self.root)
         self.run.record(step, metrics)
-        self.run.delete(self.retention().delete, durable=durable)
+        self.run.delete(self.retention().delete, durable=durable, background=True)
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; raise its failure."""
@@ -341,6 +342,7 @@ class CheckpointManager:
             self._closed = True
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            drain()  # pruned steps are gone from disk when close() returns
 
     def __enter__(self) -> CheckpointManager:
         return self

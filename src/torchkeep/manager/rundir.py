@@ -6,6 +6,7 @@ builds on it.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -23,6 +24,7 @@ from torchkeep.manager.retention import (
     best_step,
     plan_retention,
 )
+from torchkeep.storage.background import run_later
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 
 __all__ = ["RunDirectory", "StepSummary"]
@@ -149,10 +151,13 @@ class RunDirectory:
         """What ``policy`` keeps (with reasons) and deletes among the committed steps."""
         return plan_retention(self.infos(), policy, best_metric=best_metric, best_mode=best_mode)
 
-    def delete(self, steps: list[int], *, durable: bool = True) -> list[int]:
+    def delete(self, steps: list[int], *, durable: bool = True,
+               background: bool = False) -> list[int]:
         """Delete committed steps safely (rename away, sync, remove); returns those deleted.
 
-        A step that cannot be deleted produces a warning, not an error.
+        A step that cannot be deleted produces a warning, not an error. With
+        ``background`` the files are removed on the clean-up thread once renamed away (a
+        removal interrupted there is finished by the next manager that opens the run).
         """
         deleted = []
         for step in steps:
@@ -164,7 +169,10 @@ class RunDirectory:
                 with self._lock:
                     self._metrics.pop(step, None)
                 deleted.append(step)
-                self.fs.rmtree(doomed)
+                if background:
+                    run_later(functools.partial(self.fs.rmtree, doomed))
+                else:
+                    self.fs.rmtree(doomed)
             except TorchkeepError as e:
                 warnings.warn(f"could not delete step {step}: {e}", stacklevel=2)
         return deleted

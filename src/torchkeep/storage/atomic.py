@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from torchkeep.errors import StorageError
+from torchkeep.storage.background import close_later
 
 __all__ = ["TMP_MARKER", "fsync_dir", "write_atomically", "writer_for_fd"]
 
@@ -91,15 +92,29 @@ def write_atomically(path: str | os.PathLike[str], produce: Callable[[Write], No
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    old = _hold(target)  # keeps the replaced file alive past the rename: freed later
     try:
         with _translated(target, "closing"):
             os.close(fd)
         with _translated(target, "renaming into place"):
             os.replace(tmp, target)
     except BaseException:
+        if old is not None:
+            os.close(old)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if old is not None:
+        close_later(old)
     if fsync:
         with _translated(target, "syncing the folder"):
             fsync_dir(folder)
+
+
+def _hold(path: str) -> int | None:
+    """A descriptor on the file at ``path`` (if any), so that replacing it does not free its
+    pages inside the rename; closing it later does."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None

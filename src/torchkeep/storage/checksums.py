@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["crc32_async", "INLINE_BYTES"]
+__all__ = ["INLINE_BYTES", "crc32_async", "digest_async"]
 
 #: Below this size the CRC is computed in the calling thread.
 INLINE_BYTES = 1 << 20
@@ -34,17 +35,22 @@ class _Done:
 
     __slots__ = ("value",)
 
-    def __init__(self, value: int) -> None:
+    def __init__(self, value: Any) -> None:
         self.value = value
 
-    def result(self) -> int:
+    def result(self) -> Any:
         return self.value
 
 
-def crc32_async(data: Any) -> Future[int] | _Done:
-    """Start the CRC-32 of ``data``; ``.result()`` waits for it. ``data`` must not change
-    until then."""
+def digest_async(function: Callable[[Any], Any], data: Any) -> Future[Any] | _Done:
+    """Start ``function(data)`` (a checksum that releases the GIL) on the worker thread;
+    ``.result()`` waits for it. ``data`` must not change until then."""
     view = memoryview(data)
     if view.nbytes < INLINE_BYTES:
-        return _Done(zlib.crc32(view))
-    return _executor().submit(zlib.crc32, view)
+        return _Done(function(view))
+    return _executor().submit(function, view)
+
+
+def crc32_async(data: Any) -> Future[int] | _Done:
+    """Start the CRC-32 of ``data``; ``.result()`` waits for it."""
+    return digest_async(zlib.crc32, data)
