@@ -43,31 +43,29 @@ class Verification:
         return self.problem is None
 
 
-def _crc_of(source: Source, offset: int, size: int, progress: Callable[[int], None]) -> int:
-    crc = 0
-    buffer = bytearray(min(size, _CHUNK))
-    view = memoryview(buffer)
+def _stream(source: Source, offset: int, size: int, progress: Callable[[int], None],
+            update: Callable[[memoryview], None]) -> None:
+    """Feed ``size`` bytes at ``offset`` to ``update`` in 16 MiB chunks (bounded memory)."""
+    buffer = memoryview(bytearray(min(size, _CHUNK)))
     done = 0
     while done < size:
         n = min(_CHUNK, size - done)
-        source.readinto(offset + done, view[:n])
-        crc = zlib.crc32(view[:n], crc)
+        source.readinto(offset + done, buffer[:n])
+        update(buffer[:n])
         done += n
         progress(n)
-    return crc
+
+
+def _crc_of(source: Source, offset: int, size: int, progress: Callable[[int], None]) -> int:
+    crc = [0]
+    _stream(source, offset, size, progress, lambda chunk: crc.__setitem__(0, zlib.crc32(
+        chunk, crc[0])))
+    return crc[0]
 
 
 def _xxh3_of(source: Source, offset: int, size: int, progress: Callable[[int], None]) -> str:
     digest = xxhash.xxh3_64()
-    buffer = bytearray(min(size, _CHUNK))
-    view = memoryview(buffer)
-    done = 0
-    while done < size:
-        n = min(_CHUNK, size - done)
-        source.readinto(offset + done, view[:n])
-        digest.update(view[:n])
-        done += n
-        progress(n)
+    _stream(source, offset, size, progress, digest.update)
     return f"{digest.intdigest():016x}"
 
 

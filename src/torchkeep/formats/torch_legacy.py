@@ -18,8 +18,8 @@ from torchkeep.formats.pickler import Describe, TreePickler
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
 from torchkeep.tree import StorageRef, StorageView
-from torchkeep.unpickle import Allowlist, StorageClass, unpickle
-from torchkeep.unpickle.allowlist import LOCATION
+from torchkeep.unpickle import Allowlist, unpickle
+from torchkeep.unpickle.allowlist import storage_pid
 
 __all__ = ["MAGIC_NUMBER", "PROTOCOL_VERSION", "read_torch_legacy", "write_torch_legacy"]
 
@@ -95,17 +95,7 @@ def _read_legacy(data: Any, source: Source, allowlist: Allowlist, limits: Limits
                 "the file pickles a whole nn.Module with its source code; torchkeep loads data "
                 "only (save model.state_dict() instead)"
             )
-        if not isinstance(pid, tuple) or len(pid) != 6 or pid[0] != "storage":
-            raise CorruptCheckpointError("persistent id is not a legacy ('storage', ...) tuple")
-        _, storage_class, key, location, numel, view = pid
-        if not isinstance(storage_class, StorageClass):
-            raise CorruptCheckpointError("persistent id does not name a storage class")
-        if type(key) is not str or type(location) is not str or type(numel) is not int:
-            raise CorruptCheckpointError("persistent id fields have the wrong types")
-        if not LOCATION.match(location):
-            raise CorruptCheckpointError(f"storage {key}: bad location {location[:40]!r}")
-        if numel < 0:
-            raise CorruptCheckpointError(f"storage {key} has a negative size")
+        storage_class, key, location, numel, (view,) = storage_pid(pid, 6)
         dtype = storage_class.dtype
         root = storages.get(key)
         if root is None:

@@ -14,8 +14,8 @@ from torchkeep.formats.zipwrite import ZipWriter
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
 from torchkeep.tree import StorageRef, StorageView
-from torchkeep.unpickle import Allowlist, StorageClass, unpickle
-from torchkeep.unpickle.allowlist import LOCATION
+from torchkeep.unpickle import Allowlist, unpickle
+from torchkeep.unpickle.allowlist import storage_pid
 
 __all__ = ["archive_name_for", "archive_prefix", "read_torch_zip", "write_torch_zip"]
 
@@ -102,17 +102,7 @@ def read_torch_zip(
     records: dict[str, Record] = {}
 
     def persistent_load(pid: Any) -> StorageView:
-        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-            raise CorruptCheckpointError("persistent id is not a ('storage', ...) tuple")
-        _, storage_class, key, location, numel = pid
-        if not isinstance(storage_class, StorageClass):
-            raise CorruptCheckpointError("persistent id does not name a storage class")
-        if type(key) is not str or type(location) is not str or type(numel) is not int:
-            raise CorruptCheckpointError("persistent id fields have the wrong types")
-        if not LOCATION.match(location):
-            raise CorruptCheckpointError(f"storage {key}: bad location {location[:40]!r}")
-        if numel < 0:
-            raise CorruptCheckpointError(f"storage {key} has a negative size")
+        storage_class, key, location, numel, _ = storage_pid(pid, 5)
         nbytes = numel * storage_class.dtype.itemsize
         found = storages.get(key)
         if found is not None:

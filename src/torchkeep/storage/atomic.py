@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from torchkeep.errors import StorageError
 from torchkeep.storage.background import close_later
+from torchkeep.storage.oserrors import translated
 
 __all__ = ["TMP_MARKER", "fsync_dir", "write_atomically", "writer_for_fd"]
 
@@ -52,14 +52,6 @@ def _resolve(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
-@contextlib.contextmanager
-def _translated(path: str, what: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        raise StorageError(f"{what} failed: {e.strerror or e}", source=path) from e
-
-
 def write_atomically(path: str | os.PathLike[str], produce: Callable[[Write], None], *,
                      fsync: bool = True) -> None:
     """Create or replace ``path`` with what ``produce(write)`` writes, all or nothing.
@@ -74,14 +66,14 @@ def write_atomically(path: str | os.PathLike[str], produce: Callable[[Write], No
     folder, base = os.path.split(target)
     tmp = os.path.join(folder, f".{base}{TMP_MARKER}{secrets.token_hex(4)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    with _translated(target, "creating a temporary file"):
+    with translated(target, "creating a temporary file"):
         fd = os.open(tmp, flags, 0o666)
     try:
         try:
             mode = os.stat(target).st_mode & 0o7777
         except FileNotFoundError:
             mode = None
-        with _translated(target, "writing"):
+        with translated(target, "writing"):
             if mode is not None:
                 os.fchmod(fd, mode)
             produce(writer_for_fd(fd))
@@ -94,9 +86,9 @@ def write_atomically(path: str | os.PathLike[str], produce: Callable[[Write], No
         raise
     old = _hold(target)  # keeps the replaced file alive past the rename: freed later
     try:
-        with _translated(target, "closing"):
+        with translated(target, "closing"):
             os.close(fd)
-        with _translated(target, "renaming into place"):
+        with translated(target, "renaming into place"):
             os.replace(tmp, target)
     except BaseException:
         if old is not None:
@@ -107,7 +99,7 @@ def write_atomically(path: str | os.PathLike[str], produce: Callable[[Write], No
     if old is not None:
         close_later(old)
     if fsync:
-        with _translated(target, "syncing the folder"):
+        with translated(target, "syncing the folder"):
             fsync_dir(folder)
 
 

@@ -10,20 +10,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+
+from torchkeep.storage.workers import worker
 
 __all__ = ["close_later", "drain", "run_later"]
 
-_pools: list[ThreadPoolExecutor] = []
 _pending: set[Future[None]] = set()
 _lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    with _lock:
-        if not _pools:
-            _pools.append(ThreadPoolExecutor(1, thread_name_prefix="torchkeep-cleanup"))
-        return _pools[0]
 
 
 def run_later(task: Callable[[], None]) -> None:
@@ -35,7 +29,7 @@ def run_later(task: Callable[[], None]) -> None:
         except Exception:
             pass
 
-    future = _executor().submit(guarded)
+    future = worker("cleanup").submit(guarded)
     with _lock:
         _pending.add(future)
     future.add_done_callback(_pending.discard)

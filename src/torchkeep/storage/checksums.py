@@ -8,27 +8,17 @@ Small buffers are checksummed inline, where a thread hand-off costs more than th
 
 from __future__ import annotations
 
-import threading
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
+
+from torchkeep.storage.workers import worker
 
 __all__ = ["INLINE_BYTES", "crc32_async", "digest_async"]
 
 #: Below this size the CRC is computed in the calling thread.
 INLINE_BYTES = 1 << 20
-
-_pools: list[ThreadPoolExecutor] = []  # created on first use, one for the process
-_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    with _lock:
-        if not _pools:
-            _pools.append(ThreadPoolExecutor(1, thread_name_prefix="torchkeep-crc"))
-        return _pools[0]
-
 
 class _Done:
     """A finished "future" for checksums computed inline."""
@@ -48,7 +38,7 @@ def digest_async(function: Callable[[Any], Any], data: Any) -> Future[Any] | _Do
     view = memoryview(data)
     if view.nbytes < INLINE_BYTES:
         return _Done(function(view))
-    return _executor().submit(function, view)
+    return worker("checksum").submit(function, view)
 
 
 def crc32_async(data: Any) -> Future[int] | _Done:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from torchkeep.errors import CheckpointNotFoundError, MissingDependencyError, StorageError
+from torchkeep.errors import MissingDependencyError, StorageError
 from torchkeep.storage.atomic import Write, fsync_dir, writer_for_fd
+from torchkeep.storage.oserrors import translated
 from torchkeep.storage.source import Source, open_source
 
 __all__ = ["FileSystem", "FsspecFileSystem", "LocalFileSystem", "open_filesystem"]
@@ -73,16 +73,6 @@ class FileSystem:
         return path
 
 
-@contextlib.contextmanager
-def _translated(path: str, what: str) -> Iterator[None]:
-    try:
-        yield
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"{what}: no such file or folder", source=path) from e
-    except OSError as e:
-        raise StorageError(f"{what} failed: {e.strerror or e}", source=path) from e
-
-
 class LocalFileSystem(FileSystem):
     """The local file system, with fsync and atomic renames."""
 
@@ -106,12 +96,12 @@ class LocalFileSystem(FileSystem):
         return os.path.isdir(path)
 
     def makedirs(self, path: str) -> None:
-        with _translated(path, "creating the folder"):
+        with translated(path, "creating the folder", missing_is_not_found=True):
             os.makedirs(path, exist_ok=True)
 
     def write_file(self, path: str, produce: Callable[[Write], None], *, fsync: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        with _translated(path, "writing"):
+        with translated(path, "writing", missing_is_not_found=True):
             fd = os.open(path, flags, 0o666)
             try:
                 produce(writer_for_fd(fd))
@@ -121,28 +111,28 @@ class LocalFileSystem(FileSystem):
                 os.close(fd)
 
     def read_bytes(self, path: str) -> bytes:
-        with _translated(path, "reading"), open(path, "rb") as f:
+        with translated(path, "reading", missing_is_not_found=True), open(path, "rb") as f:
             return f.read()
 
     def source(self, path: str) -> Source:
         return open_source(path)
 
     def rename(self, src: str, dst: str) -> None:
-        with _translated(src, "renaming"):
+        with translated(src, "renaming", missing_is_not_found=True):
             if os.path.exists(dst):
                 raise FileExistsError(17, "destination exists", dst)
             os.rename(src, dst)
 
     def rmtree(self, path: str) -> None:
-        with _translated(path, "removing"):
+        with translated(path, "removing", missing_is_not_found=True):
             shutil.rmtree(path)
 
     def fsync_dir(self, path: str) -> None:
-        with _translated(path, "syncing the folder"):
+        with translated(path, "syncing the folder", missing_is_not_found=True):
             fsync_dir(path)
 
     def size(self, path: str) -> int:
-        with _translated(path, "stat"):
+        with translated(path, "stat", missing_is_not_found=True):
             return os.path.getsize(path)
 
 
@@ -170,32 +160,32 @@ class FsspecFileSystem(FileSystem):
         return bool(self.fs.isdir(path))
 
     def makedirs(self, path: str) -> None:
-        with _translated(path, "creating the folder"):
+        with translated(path, "creating the folder", missing_is_not_found=True):
             self.fs.makedirs(path, exist_ok=True)
 
     def write_file(self, path: str, produce: Callable[[Write], None], *, fsync: bool) -> None:
-        with _translated(path, "writing"), self.fs.open(path, "wb") as f:
+        with translated(path, "writing", missing_is_not_found=True), self.fs.open(path, "wb") as f:
             produce(f.write)
 
     def read_bytes(self, path: str) -> bytes:
-        with _translated(path, "reading"):
+        with translated(path, "reading", missing_is_not_found=True):
             return bytes(self.fs.cat_file(path))
 
     def source(self, path: str) -> Source:
         return open_source(self.read_bytes(path))
 
     def rename(self, src: str, dst: str) -> None:
-        with _translated(src, "renaming"):
+        with translated(src, "renaming", missing_is_not_found=True):
             if self.fs.exists(dst):
                 raise FileExistsError(17, "destination exists", dst)
             self.fs.mv(src, dst, recursive=True)
 
     def rmtree(self, path: str) -> None:
-        with _translated(path, "removing"):
+        with translated(path, "removing", missing_is_not_found=True):
             self.fs.rm(path, recursive=True)
 
     def size(self, path: str) -> int:
-        with _translated(path, "stat"):
+        with translated(path, "stat", missing_is_not_found=True):
             return int(self.fs.size(path))
 
     def describe(self, path: str) -> str:

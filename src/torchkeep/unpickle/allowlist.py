@@ -24,7 +24,7 @@ import numpy as np
 
 from torchkeep import dtypes
 from torchkeep.dtypes import DType
-from torchkeep.errors import UnsafeCheckpointError
+from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
 from torchkeep.tree import (
     Device,
     PickledObject,
@@ -52,6 +52,7 @@ __all__ = [
     "StorageClass",
     "build",
     "dangerous",
+    "storage_pid",
 ]
 
 Call = Callable[[Machine, tuple[Any, ...]], Any]
@@ -82,6 +83,24 @@ class StorageClass:
     def untyped(self) -> bool:
         """True for ``UntypedStorage``."""
         return self.name == "UntypedStorage"
+
+
+def storage_pid(pid: Any, length: int) -> tuple[StorageClass, str, str, int, tuple[Any, ...]]:
+    """Check a ``('storage', class, key, location, numel, ...)`` persistent id of ``length``
+    fields; returns class, key, location, numel and the extra fields."""
+    if not isinstance(pid, tuple) or len(pid) != length or pid[0] != "storage":
+        raise CorruptCheckpointError(
+            f"persistent id is not a {length}-field ('storage', ...) tuple")
+    _, storage_class, key, location, numel, *extra = pid
+    if not isinstance(storage_class, StorageClass):
+        raise CorruptCheckpointError("persistent id does not name a storage class")
+    if type(key) is not str or type(location) is not str or type(numel) is not int:
+        raise CorruptCheckpointError("persistent id fields have the wrong types")
+    if not LOCATION.match(location):
+        raise CorruptCheckpointError(f"storage {key}: bad location {location[:40]!r}")
+    if numel < 0:
+        raise CorruptCheckpointError(f"storage {key} has a negative size")
+    return storage_class, key, location, numel, tuple(extra)
 
 
 class Pending:
