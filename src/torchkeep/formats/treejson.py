@@ -204,6 +204,7 @@ class TreeEncoder:
         self.nodes: dict[int, Any] = {}
         #: the object each tensor name came from (a torch.Tensor, an ndarray, a TensorRef)
         self.originals: dict[str, Any] = {}
+        self._alive: list[Any] = []
 
     def fail(self, message: str) -> UnsupportedTypeError:
         return UnsupportedTypeError(f"{render_path(self.path)}: {message}")
@@ -345,7 +346,7 @@ class TreeEncoder:
             node["attrs"] = self.encode(dict(ref.attrs))
             self.path.pop()
         self.nodes[id(original)] = node
-        self.originals[f"<keep {name}>"] = original  # ids stay valid while encoding
+        self._alive.append(original)  # ids in self.nodes stay valid while encoding
         return node
 
     def ndarray(self, array: np.ndarray[Any, Any]) -> Any:
@@ -369,7 +370,7 @@ class TreeEncoder:
         self.tensors.append((name, ref, data.reshape(-1).view(np.uint8)))
         node = {"$ndarray": name}
         self.nodes[id(array)] = node
-        self.originals[f"<keep {name}>"] = array
+        self._alive.append(array)
         return node
 
 

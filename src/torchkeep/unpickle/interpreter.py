@@ -171,6 +171,8 @@ def _identity_hashed(obj: Any) -> bool:
 
 
 # -- opcode handlers ----------------------------------------------------------------------
+# MARK, TUPLE, TUPLE1/2, EMPTY_TUPLE, NEWFALSE, BININT1, BINUNICODE, (LONG_)BINPUT and
+# (LONG_)BINGET have no handler: unpickle() runs them inline, on local variables.
 
 Handler = Callable[[_Machine], Any]
 _HANDLERS: list[Handler | None] = [None] * 256
@@ -204,14 +206,6 @@ def _stop(m: _Machine) -> object:
     return _STOP
 
 
-@_op(b"(")  # MARK
-def _mark(m: _Machine) -> None:
-    m.metastack.append(m.stack)
-    m.stack = []
-    if len(m.metastack) > m.limits.max_depth:
-        m.limits.check("max_depth", len(m.metastack), f"{m.what}: MARK nesting")
-
-
 @_op(b"0")  # POP
 def _pop(m: _Machine) -> None:
     if m.stack:
@@ -241,20 +235,6 @@ def _none(m: _Machine) -> None:
 @_op(b"\x88")
 def _true(m: _Machine) -> None:
     m.stack.append(True)
-
-
-@_op(b"\x89")
-def _false(m: _Machine) -> None:
-    m.stack.append(False)
-
-
-@_op(b"K")  # BININT1
-def _binint1(m: _Machine) -> None:
-    pos = m.pos
-    if pos >= m.end:
-        raise m.fail("truncated")
-    m.stack.append(m.data[pos])
-    m.pos = pos + 1
 
 
 @_op(b"M")  # BININT2
@@ -329,12 +309,6 @@ def _push_text(m: _Machine, raw: bytes) -> None:
         m.stack.append(raw.decode("utf-8", "surrogatepass"))
     except UnicodeDecodeError:
         raise m.fail("string is not valid UTF-8") from None
-
-
-@_op(b"X")  # BINUNICODE
-def _binunicode(m: _Machine) -> None:
-    (n,) = _unpack_I(m.take(4))
-    _push_text(m, m.take(n))
 
 
 @_op(b"\x8c")  # SHORT_BINUNICODE
@@ -423,29 +397,6 @@ def _readonly_buffer(m: _Machine) -> None:
 
 
 # -- containers --
-
-
-@_op(b")")
-def _empty_tuple(m: _Machine) -> None:
-    m.stack.append(())
-
-
-@_op(b"t")  # TUPLE
-def _tuple(m: _Machine) -> None:
-    items = tuple(m.pop_mark())
-    m.stack.append(items)
-
-
-@_op(b"\x85")
-def _tuple1(m: _Machine) -> None:
-    m.stack[-1] = (m.stack[-1],)
-
-
-@_op(b"\x86")
-def _tuple2(m: _Machine) -> None:
-    stack = m.stack
-    b = stack.pop()
-    stack[-1] = (stack[-1], b)
 
 
 @_op(b"\x87")
@@ -555,22 +506,6 @@ def _additems(m: _Machine) -> None:
 # -- memo --
 
 
-@_op(b"q")  # BINPUT
-def _binput(m: _Machine) -> None:
-    pos = m.pos
-    if pos >= m.end:
-        raise m.fail("truncated")
-    m.pos = pos + 1
-    index = m.data[pos]
-    m.memo[index] = m.stack[-1]
-    m.last_put = index
-
-
-@_op(b"r")  # LONG_BINPUT
-def _long_binput(m: _Machine) -> None:
-    m.put(_unpack_I(m.take(4))[0])
-
-
 @_op(b"p")  # PUT
 def _put(m: _Machine) -> None:
     try:
@@ -583,20 +518,6 @@ def _put(m: _Machine) -> None:
 @_op(b"\x94")  # MEMOIZE
 def _memoize(m: _Machine) -> None:
     m.put(len(m.memo))
-
-
-@_op(b"h")  # BINGET
-def _binget(m: _Machine) -> None:
-    pos = m.pos
-    if pos >= m.end:
-        raise m.fail("truncated")
-    m.pos = pos + 1
-    m.get(m.data[pos])
-
-
-@_op(b"j")  # LONG_BINGET
-def _long_binget(m: _Machine) -> None:
-    m.get(_unpack_I(m.take(4))[0])
 
 
 @_op(b"g")  # GET
