@@ -164,6 +164,20 @@ def test_malformed_streams_are_corrupt(raw: bytes) -> None:
         decode(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "offset"),
+    [
+        (b"\x80\x02N\x86.", 3),  # TUPLE2 (run inline) with one item on the stack
+        (b"\x80\x02N\x85\x85\x86.", 5),  # the same after two inline TUPLE1s
+        (b"\x80\x02h\x05.", 2),  # inline BINGET of an undefined memo index
+        (b"\x80\x02]\x81.", 3),  # NEWOBJ (a handler) on a one-item stack
+    ],
+)
+def test_corruption_names_the_failing_opcode_offset(raw: bytes, offset: int) -> None:
+    with pytest.raises(CorruptCheckpointError, match=f"offset {offset}:"):
+        decode(raw)
+
+
 def test_nesting_bomb_hits_the_depth_limit() -> None:
     raw = b"\x80\x02" + b"(" * 100_000 + b"."
     with pytest.raises(LimitExceededError):

@@ -90,6 +90,11 @@ class _Machine:
     def fail(self, message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.what} offset {self.op_pos}: {message}")
 
+    def fail_at(self, pos: int, message: str) -> CorruptCheckpointError:
+        """``fail`` for an opcode the main loop runs inline (it does not keep ``op_pos``)."""
+        self.op_pos = pos
+        return self.fail(message)
+
     def take(self, n: int) -> bytes:
         pos = self.pos
         if n < 0 or pos + n > self.end:
@@ -685,78 +690,65 @@ def unpickle(
     try:
         while True:
             if pos >= end:
-                m.op_pos = pos
-                raise m.fail("truncated: the stream ends without STOP")
+                raise m.fail_at(pos, "truncated: the stream ends without STOP")
             op = data[pos]
             if op == 0x71:  # BINPUT
                 if pos >= last:
-                    m.op_pos = pos
-                    raise m.fail("truncated")
+                    raise m.fail_at(pos, "truncated")
                 index = data[pos + 1]
                 memo[index] = stack[-1]
                 m.last_put = index
                 pos += 2
             elif op == 0x68:  # BINGET
                 if pos >= last:
-                    m.op_pos = pos
-                    raise m.fail("truncated")
+                    raise m.fail_at(pos, "truncated")
                 try:
                     stack.append(memo[data[pos + 1]])
                 except KeyError:
-                    m.op_pos = pos
-                    raise m.fail(f"memo GET of undefined index {data[pos + 1]}") from None
+                    raise m.fail_at(pos, f"memo GET of undefined index {data[pos + 1]}") from None
                 pos += 2
             elif op == 0x4B:  # BININT1
                 if pos >= last:
-                    m.op_pos = pos
-                    raise m.fail("truncated")
+                    raise m.fail_at(pos, "truncated")
                 stack.append(data[pos + 1])
                 pos += 2
             elif op == 0x72:  # LONG_BINPUT
                 if pos + 4 >= end:
-                    m.op_pos = pos
-                    raise m.fail("truncated")
+                    raise m.fail_at(pos, "truncated")
                 index = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 memo[index] = stack[-1]
                 m.last_put = index
                 pos += 5
             elif op == 0x6A:  # LONG_BINGET
                 if pos + 4 >= end:
-                    m.op_pos = pos
-                    raise m.fail("truncated")
+                    raise m.fail_at(pos, "truncated")
                 index = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 try:
                     stack.append(memo[index])
                 except KeyError:
-                    m.op_pos = pos
-                    raise m.fail(f"memo GET of undefined index {index}") from None
+                    raise m.fail_at(pos, f"memo GET of undefined index {index}") from None
                 pos += 5
             elif op == 0x58:  # BINUNICODE
                 if pos + 4 >= end:
-                    m.op_pos = pos
-                    raise m.fail("truncated")
+                    raise m.fail_at(pos, "truncated")
                 size = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 stop = pos + 5 + size
                 if stop > end:
-                    m.op_pos = pos
-                    raise m.fail(f"truncated: needs {size} bytes, {end - pos - 5} left")
+                    raise m.fail_at(pos, f"truncated: needs {size} bytes, {end - pos - 5} left")
                 try:
                     stack.append(str(data[pos + 5 : stop], "utf-8", "surrogatepass"))
                 except UnicodeDecodeError:
-                    m.op_pos = pos
-                    raise m.fail("string is not valid UTF-8") from None
+                    raise m.fail_at(pos, "string is not valid UTF-8") from None
                 pos = stop
             elif op == 0x28:  # MARK
                 m.metastack.append(stack)
                 stack = []
                 if len(m.metastack) > limits.max_depth:
-                    m.op_pos = pos
                     limits.check("max_depth", len(m.metastack), f"{what}: MARK nesting")
                 pos += 1
             elif op == 0x74:  # TUPLE
                 if not m.metastack:
-                    m.op_pos = pos
-                    raise m.fail("MARK expected but the stack has none")
+                    raise m.fail_at(pos, "MARK expected but the stack has none")
                 items = tuple(stack)
                 stack = m.metastack.pop()
                 stack.append(items)
@@ -788,13 +780,14 @@ def unpickle(
                     break
     except TorchkeepError:
         raise
+    # ``pos`` is still the failing opcode's offset here, whether it ran inline or in a handler.
     except RecursionError as e:
-        raise m.fail("structure nested too deeply") from e
+        raise m.fail_at(pos, "structure nested too deeply") from e
     except (IndexError, KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
         # stack underflow, unhashable keys, values numpy or datetime reject: corruption
-        raise m.fail(f"malformed stream ({type(e).__name__}: {e})") from e
+        raise m.fail_at(pos, f"malformed stream ({type(e).__name__}: {e})") from e
     except MemoryError as e:
-        raise m.fail("ran out of memory building the stream's objects") from e
+        raise m.fail_at(pos, "ran out of memory building the stream's objects") from e
     finally:
         m.pos = pos
     if not m.stack:
