@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -307,6 +308,41 @@ def test_async_failure_surfaces_with_its_cause(tmp_path) -> None:
     with pytest.raises(AsyncSaveError):
         mgr.close()
     assert mgr.all_steps() == []
+
+
+class SlowRenameFS(LocalFileSystem):
+    """Holds every commit rename until ``release`` is set (a save still in flight)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def rename(self, src: str, dst: str) -> None:
+        assert self.release.wait(10)
+        super().rename(src, dst)
+
+
+def test_restore_waits_for_the_save_in_flight(tmp_path) -> None:
+    with torchkeep.CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(0, {"w": torch.zeros(3)})
+        mgr.wait()
+        slow = SlowRenameFS()
+        mgr.fs = slow
+        mgr.save(1, {"w": torch.ones(3)})
+        threading.Timer(0.2, slow.release.set).start()
+        out: dict = {"w": None}
+        assert mgr.restore(out) == 1
+        assert torch.equal(out["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"keep_last": 0}, {"keep_best": 0, "best_metric": "loss"}, {"keep_every_steps": 0},
+     {"keep_best": 1}, {"best_mode": "median"}],
+)
+def test_bad_retention_options_fail_before_anything_is_written(tmp_path, options) -> None:
+    with pytest.raises(ValueError):
+        torchkeep.CheckpointManager(tmp_path / "run", **options)
+    assert not (tmp_path / "run").exists()
 
 
 def test_fsspec_memory_filesystem() -> None:

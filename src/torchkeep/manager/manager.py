@@ -70,10 +70,9 @@ class ManagerOptions:
     durable: bool = True
 
     def __post_init__(self) -> None:
-        if self.keep_best is not None and self.best_metric is None:
-            raise ValueError("keep_best needs best_metric")
         if self.best_mode not in ("min", "max"):
             raise ValueError("best_mode must be 'min' or 'max'")
+        self.policy()  # the policies check their own settings: fail here, not after a commit
 
     def retention_spec(self) -> RetentionSpec:
         """The retention settings as data (what each manifest records)."""
@@ -122,7 +121,7 @@ class CheckpointManager:
         async_save: bool = _UNSET,
         options: ManagerOptions | None = None,
     ) -> None:
-        given = {
+        given: dict[str, Any] = {
             "keep_last": keep_last, "keep_best": keep_best, "best_metric": best_metric,
             "best_mode": best_mode, "keep_every_steps": keep_every_steps,
             "async_save": async_save,
@@ -130,7 +129,7 @@ class CheckpointManager:
         base = options or ManagerOptions()
         overrides = {k: v for k, v in given.items() if v is not _UNSET}
         if overrides:
-            base = ManagerOptions(**{**base.__dict__, **overrides})
+            base = dataclasses.replace(base, **overrides)
         self.options = base
         self.run = RunDirectory(directory)
         self._executor: ThreadPoolExecutor | None = None
@@ -253,7 +252,8 @@ class CheckpointManager:
         if durable:
             fs.fsync_dir(self.root)
         self.run.record(step, metrics)
-        self.run.delete(self.retention().delete, durable=durable, background=True)
+        if self.options.policy() is not None:  # no policy deletes nothing: skip the listing
+            self.run.delete(self.retention().delete, durable=durable, background=True)
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; raise its failure."""
@@ -300,6 +300,7 @@ class CheckpointManager:
         step that verifies (with a warning).
         """
         self._check_open()
+        self.wait()  # a save still in flight is the newest step: list steps after it commits
         steps = self.all_steps()
         if step is None and not steps:
             raise CheckpointNotFoundError("no committed step to restore",
