@@ -27,15 +27,14 @@ def _policy_options(func: Any) -> Any:
     return func
 
 
-def _spec(run: Any, keep_last: int | None, keep_best: int | None, metric: str | None,
-          mode: str, keep_every_steps: int | None) -> tuple[Any, str]:
-    """The retention settings: from the flags, else those the newest step recorded."""
+def _spec(run: Any, steps: list[int], keep_last: int | None, keep_best: int | None,
+          metric: str | None, mode: str, keep_every_steps: int | None) -> tuple[Any, str]:
+    """The retention settings: from the flags, else those the newest of ``steps`` recorded."""
     from torchkeep.formats.manifest import read_manifest
     from torchkeep.manager.policy_spec import RetentionSpec
 
     if keep_best is not None and metric is None:
         raise click.UsageError("--keep-best needs --metric")
-    steps = run.steps()
     recorded = None
     if steps:
         recorded = RetentionSpec.from_fields(
@@ -62,13 +61,15 @@ def ls_command(run_dir: str, keep_last: int | None, keep_best: int | None, metri
     The retention policy is the one given by the flags, else the one the newest step
     recorded when the CheckpointManager saved it.
     """
+    from torchkeep.manager.retention import StepInfo, plan_retention
     from torchkeep.manager.rundir import RunDirectory
 
     run = RunDirectory(run_dir, create=False)
-    spec, origin = _spec(run, keep_last, keep_best, metric, mode, keep_every_steps)
-    plan = run.plan(spec.policy(), best_metric=spec.best_metric, best_mode=spec.best_mode)
-    summaries = [run.summary(step) for step in run.steps()]
-    leftovers = run.leftovers()
+    steps, leftovers = run.scan()  # one listing and one manifest read per step serve it all
+    spec, origin = _spec(run, steps, keep_last, keep_best, metric, mode, keep_every_steps)
+    summaries = [run.summary(step) for step in steps]
+    plan = plan_retention([StepInfo(s.step, s.metrics) for s in summaries], spec.policy(),
+                          best_metric=spec.best_metric, best_mode=spec.best_mode)
     if as_json:
         echo_json({
             "run_dir": run.name,
@@ -118,7 +119,8 @@ def prune_command(run_dir: str, keep_last: int | None, keep_best: int | None,
     from torchkeep.manager.rundir import RunDirectory
 
     run = RunDirectory(run_dir, create=False)
-    spec, origin = _spec(run, keep_last, keep_best, metric, mode, keep_every_steps)
+    spec, origin = _spec(run, run.steps(), keep_last, keep_best, metric, mode,
+                         keep_every_steps)
     if spec.empty:
         raise click.UsageError(
             "no retention policy: pass --keep-last, --keep-best/--metric or "

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from torchkeep.demo.train import TrainConfig
+from torchkeep.manager.rundir import RunDirectory
 
 __all__ = ["run_resume_demo"]
 
@@ -94,11 +95,11 @@ def run_resume_demo(echo: Callable[[str], None] = print, *, seed: int | None = N
         kill = _run(interrupted_dir, None, config, "2. run, SIGKILL mid-training",
                     echo, kill_at=kill_at)
         assert kill is not None and reference is not None
-        committed = sorted(n for n in os.listdir(interrupted_dir) if n.startswith("step-"))
+        committed = RunDirectory(interrupted_dir, create=False).steps()
         resumed = _run(interrupted_dir, os.path.join(tmp, "b.json"), config,
                        "3. new process resumes", echo)
         assert resumed is not None
-    steps_on_disk = ", ".join(str(int(c.removeprefix("step-"))) for c in committed)
+    steps_on_disk = ", ".join(map(str, committed))
     echo(f"\nkilled (SIGKILL, exit {kill['returncode']}) after step {kill['killed_at']}; "
          f"committed steps on disk: {steps_on_disk}")
     echo(f"resumed from step {resumed['resumed_from']}: steps "

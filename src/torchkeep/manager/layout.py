@@ -34,9 +34,9 @@ def parse_step_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def temporary_name(step: int, writer: str = "") -> str:
+def temporary_name(step: int) -> str:
     """Where a save of ``step`` is written before its commit (hidden, recognisable)."""
-    return f".{step_name(step)}{TMP_MARKER}{writer or secrets.token_hex(4)}"
+    return f".{step_name(step)}{TMP_MARKER}{secrets.token_hex(4)}"
 
 
 def deleting_name(step: int) -> str:

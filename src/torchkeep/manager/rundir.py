@@ -25,7 +25,7 @@ from torchkeep.manager.retention import (
     plan_retention,
 )
 from torchkeep.storage.background import run_later
-from torchkeep.storage.filesystem import FileSystem, open_filesystem
+from torchkeep.storage.filesystem import open_filesystem
 
 __all__ = ["RunDirectory", "StepSummary"]
 
@@ -45,16 +45,11 @@ class StepSummary:
 class RunDirectory:
     """The committed steps of one run directory and the operations on them."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, *,
-                 fs: FileSystem | None = None, root: str | None = None,
-                 create: bool = True) -> None:
-        if fs is None or root is None:
-            if directory is None:
-                raise TypeError("RunDirectory needs a directory")
-            fs, root = open_filesystem(directory)
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
+        fs, root = open_filesystem(directory)
         self.fs = fs
         self.root = root
-        self._display = str(os.fspath(directory)) if directory is not None else None
+        self._display = str(os.fspath(directory))
         if create:
             fs.makedirs(root)
         elif not fs.isdir(root):
@@ -64,48 +59,48 @@ class RunDirectory:
 
     @property
     def name(self) -> str:
-        """The directory as the user gave it (else as its file system names it)."""
-        return self._display or self.fs.describe(self.root)
+        """The directory as the user gave it."""
+        return self._display
 
     def step_path(self, step: int) -> str:
         """The folder of committed step ``step``."""
         return self.fs.join(self.root, step_name(step))
 
-    def clean_leftovers(self) -> list[str]:
-        """Remove what interrupted saves and deletions left; returns the names removed."""
-        removed = []
+    def scan(self) -> tuple[list[int], list[str]]:
+        """One listing of the directory: the committed steps (oldest first) and the names an
+        interrupted save or deletion left behind."""
+        steps: list[int] = []
+        leftovers: list[str] = []
         for name in self.fs.listdir(self.root):
-            path = self.fs.join(self.root, name)
-            uncommitted = parse_step_name(name) is not None and not self.fs.exists(
-                self.fs.join(path, MARKER_NAME)
-            )
-            if is_leftover(name) or uncommitted:
-                try:
-                    self.fs.rmtree(path)
-                    removed.append(name)
-                except TorchkeepError as e:
-                    warnings.warn(f"could not remove leftover {path}: {e}", stacklevel=3)
-        return removed
-
-    def leftovers(self) -> list[str]:
-        """Names an interrupted save or deletion left behind (not removed)."""
-        found = []
-        for name in self.fs.listdir(self.root):
-            uncommitted = parse_step_name(name) is not None and not self.fs.exists(
-                self.fs.join(self.root, name, MARKER_NAME)
-            )
-            if is_leftover(name) or uncommitted:
-                found.append(name)
-        return found
+            step = parse_step_name(name)
+            if step is not None:
+                if self.fs.exists(self.fs.join(self.root, name, MARKER_NAME)):
+                    steps.append(step)
+                else:  # a step folder without its marker never finished committing
+                    leftovers.append(name)
+            elif is_leftover(name):
+                leftovers.append(name)
+        return sorted(steps), leftovers
 
     def steps(self) -> list[int]:
         """Every committed step, oldest first (read from the directory now)."""
-        steps = []
-        for name in self.fs.listdir(self.root):
-            step = parse_step_name(name)
-            if step is not None and self.fs.exists(self.fs.join(self.root, name, MARKER_NAME)):
-                steps.append(step)
-        return sorted(steps)
+        return self.scan()[0]
+
+    def leftovers(self) -> list[str]:
+        """Names an interrupted save or deletion left behind (not removed)."""
+        return self.scan()[1]
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what interrupted saves and deletions left; returns the names removed."""
+        removed = []
+        for name in self.leftovers():
+            path = self.fs.join(self.root, name)
+            try:
+                self.fs.rmtree(path)
+                removed.append(name)
+            except TorchkeepError as e:
+                warnings.warn(f"could not remove leftover {path}: {e}", stacklevel=3)
+        return removed
 
     def refresh(self) -> dict[int, dict[str, Any]]:
         """Re-list committed steps; metrics are read from each new step's manifest once."""

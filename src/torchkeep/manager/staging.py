@@ -23,11 +23,6 @@ class StagingArena:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return 0 if self._buffer is None else int(self._buffer.numel())
-
     def _ensure(self, total: int) -> torch.Tensor:
         if self._buffer is None or self._buffer.numel() < total:
             self._buffer = None  # free the old one before allocating the new one
@@ -61,9 +56,7 @@ class StagingArena:
                 cuda_copies |= source.device.type == "cuda"
             elif n:
                 data = payload.bytes(storage_bytes)
-                np.frombuffer(target.numpy(), dtype=np.uint8)[:] = np.frombuffer(
-                    data, dtype=np.uint8
-                )
+                target.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
             staged.append(TensorPayload(payload.name, payload.ref, target.numpy().data))
         if cuda_copies:
             torch.cuda.synchronize()
