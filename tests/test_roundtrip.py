@@ -1500,6 +1500,23 @@ def test_open_lists_and_reads_tensors(fmt: str, tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_open_and_inspect_describe_sparse_tensors_alike(legacy: bool, tmp_path: Path) -> None:
+    coo = torch.sparse_coo_tensor([[0, 2], [1, 0]], [3.0, 4.0], (3, 2)).coalesce()
+    csr = torch.eye(4, dtype=torch.float64).to_sparse_csr()
+    path = tmp_path / "sparse.pt"
+    torch.save({"coo": coo, "csr": csr}, path, _use_new_zipfile_serialization=not legacy)
+    expected = {
+        "coo": ("float32", (3, 2), coo.indices().nbytes + coo.values().nbytes),
+        "csr": ("float64", (4, 4), csr.crow_indices().nbytes + csr.col_indices().nbytes
+                + csr.values().nbytes),
+    }
+    with torchkeep.open(path) as handle:
+        assert {n: (i.dtype, i.shape, i.nbytes) for n, i in handle.tensors.items()} == expected
+    report = torchkeep.inspect(path)
+    assert {t.name: (t.dtype, t.shape, t.nbytes) for t in report.tensors} == expected
+
+
 @pytest.mark.parametrize("fmt", [
     "torch",
     "safetensors",

@@ -47,9 +47,8 @@ class CheckpointHandle:
                 info = TensorInfo(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes,
                                   leaf.location, leaf)
             else:
-                nbytes = sum(p.nbytes for p in leaf.parts)
-                info = TensorInfo(name, path, leaf.parts[-1].dtype.name if leaf.parts else "?",
-                                  leaf.size, nbytes, "cpu", leaf)
+                info = TensorInfo(name, path, leaf.dtype.name, leaf.size, leaf.nbytes, "cpu",
+                                  leaf)
             infos.setdefault(name, info)
         self._tensors = infos
 

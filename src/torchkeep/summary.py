@@ -170,25 +170,23 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 def _entries(tree: Any, limits: Limits) -> list[TensorEntry | ValueEntry]:
     entries: list[TensorEntry | ValueEntry] = []
-    tensors = values = entries
     for path, leaf in leaves(tree, limits=limits):
         name = join_path(path)
         if isinstance(leaf, TensorRef):
-            tensors.append(TensorEntry(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes,
+            entries.append(TensorEntry(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes,
                                        leaf.location, leaf.requires_grad, leaf.parameter))
         elif isinstance(leaf, SparseRef):
-            nbytes = sum(p.nbytes for p in leaf.parts)
-            tensors.append(TensorEntry(name, path, leaf.parts[-1].dtype.name, leaf.size, nbytes,
+            entries.append(TensorEntry(name, path, leaf.dtype.name, leaf.size, leaf.nbytes,
                                        leaf.layout))
         elif isinstance(leaf, StorageView):
-            tensors.append(TensorEntry(name, path, leaf.dtype.name,
+            entries.append(TensorEntry(name, path, leaf.dtype.name,
                                        (leaf.storage.nbytes // leaf.dtype.itemsize,),
                                        leaf.storage.nbytes, leaf.storage.location))
         elif isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc":
-            tensors.append(TensorEntry(name, path, f"numpy.{leaf.dtype}", leaf.shape,
+            entries.append(TensorEntry(name, path, f"numpy.{leaf.dtype}", leaf.shape,
                                        leaf.nbytes, "cpu"))
         else:
-            values.append(ValueEntry(name, path, _short_repr(leaf), type(leaf).__name__))
+            entries.append(ValueEntry(name, path, _short_repr(leaf), type(leaf).__name__))
     return entries
 
 

@@ -177,6 +177,16 @@ class SparseRef:
     coalesced: bool | None = None
     requires_grad: bool = False
 
+    @property
+    def dtype(self) -> DType:
+        """The element type: that of the values part (the last one, after the indices)."""
+        return self.parts[-1].dtype  # type: ignore[no-any-return]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the parts together (indices and values)."""
+        return sum(p.nbytes for p in self.parts)
+
 
 @dataclass(eq=False, slots=True)
 class PickledObject:
