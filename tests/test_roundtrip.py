@@ -54,7 +54,7 @@ from strategies import (
 )
 from torchkeep import dtypes as tk_dtypes
 from torchkeep.errors import StorageError, UnsupportedTypeError
-from torchkeep.tree import Symbol
+from torchkeep.tree import Size, Symbol
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:ComplexHalf support is experimental", "ignore:TypedStorage is deprecated"
@@ -481,6 +481,33 @@ def test_save_refuses_views_of_one_storage_as_two_dtypes() -> None:
         torch_save_bytes(tree)
     with pytest.raises(UnsupportedTypeError):
         tk_save_bytes(tree)
+
+
+class _TaggedTensor(torch.Tensor):
+    pass
+
+
+UNSAVEABLE = {
+    "sparse_coo": (lambda: torch.eye(3).to_sparse(), "sparse_coo tensors are not supported"),
+    "sparse_csr": (lambda: torch.eye(3).to_sparse_csr(), "sparse_csr tensors are not"),
+    "quantized": (lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+                  "quantized tensors are not supported"),
+    "meta": (lambda: torch.empty(3, device="meta"), "meta tensors have no data"),
+    "subclass": (lambda: torch.ones(3).as_subclass(_TaggedTensor),
+                 "tensor subclass .*_TaggedTensor is not supported"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSAVEABLE))
+@pytest.mark.parametrize("fmt", ["torch", "torch-legacy", "safetensors"])
+def test_save_refuses_tensors_it_cannot_write(kind: str, fmt: str, tmp_path: Path) -> None:
+    make, message = UNSAVEABLE[kind]
+    path = tmp_path / "x.bin"
+    # a torchkeep placeholder met first hands the tree to the tree pickler
+    for tree in ({"x": make()}, {"pending": Size((2,)), "x": make()}):
+        with pytest.raises(UnsupportedTypeError, match=message):
+            torchkeep.save(tree, path, format=fmt)
+        assert not path.exists() and os.listdir(tmp_path) == []
 
 
 # =============================================================================================

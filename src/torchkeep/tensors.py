@@ -41,8 +41,11 @@ __all__ = [
     "MapLocation",
     "TorchDescriber",
     "TorchMaterializer",
+    "check_saveable",
     "from_torch_dtype",
+    "location_of",
     "to_torch_dtype",
+    "unsupported_subclass",
 ]
 
 MapLocation = (
@@ -53,6 +56,30 @@ _CPU = "cpu"  # one interned object, as torch's location tagger returns
 
 
 _TO_TORCH: dict[str, torch.dtype] = {}
+
+
+def location_of(device: torch.device) -> str:
+    """The location tag torch.save writes for ``device`` (``cpu``, ``cuda:0``...)."""
+    return _CPU if device.type == _CPU else str(device)
+
+
+def unsupported_subclass(kind: type) -> UnsupportedTypeError:
+    """The error for a tensor subclass torchkeep does not save."""
+    return UnsupportedTypeError(
+        f"tensor subclass {kind.__module__}.{kind.__qualname__} is not supported; "
+        "save a plain tensor (t.as_subclass(torch.Tensor))"
+    )
+
+
+def check_saveable(t: torch.Tensor) -> None:
+    """Raise UnsupportedTypeError for a (plain) tensor torchkeep.save cannot write:
+    sparse and other non-strided layouts, quantized and meta tensors."""
+    if t.layout is not torch.strided:
+        raise UnsupportedTypeError(f"{t.layout} tensors are not supported by torchkeep.save")
+    if t.is_quantized:
+        raise UnsupportedTypeError("quantized tensors are not supported by torchkeep.save")
+    if t.is_meta:
+        raise UnsupportedTypeError("meta tensors have no data to save")
 
 
 def to_torch_dtype(dtype: DType) -> torch.dtype:
@@ -364,9 +391,8 @@ class TorchDescriber:
         key = storage._cdata
         ref = self._refs.get(key)
         if ref is None:
-            device = storage.device
-            location = _CPU if device.type == "cpu" else str(device)
-            ref = StorageRef(str(len(self._refs)), dtype, storage.nbytes(), location)
+            ref = StorageRef(str(len(self._refs)), dtype, storage.nbytes(),
+                             location_of(storage.device))
             self._refs[key] = ref
             self._storages[id(ref)] = storage
         return ref
@@ -375,16 +401,8 @@ class TorchDescriber:
         """A torch tensor as a TensorRef over its (whole) storage."""
         kind = type(t)
         if kind is not torch.Tensor and kind is not torch.nn.Parameter:
-            raise UnsupportedTypeError(
-                f"tensor subclass {kind.__module__}.{kind.__qualname__} is not supported; "
-                "save a plain tensor (t.as_subclass(torch.Tensor))"
-            )
-        if t.layout != torch.strided:
-            raise UnsupportedTypeError(f"{t.layout} tensors are not supported by torchkeep.save")
-        if t.is_quantized:
-            raise UnsupportedTypeError("quantized tensors are not supported by torchkeep.save")
-        if t.device.type == "meta":
-            raise UnsupportedTypeError("meta tensors have no data to save")
+            raise unsupported_subclass(kind)
+        check_saveable(t)
         dtype = from_torch_dtype(t.dtype)
         ref = self.storage_ref(t.untyped_storage(), dtype)
         state = torch._utils._get_obj_state(t)

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep.dtypes import DType
+from torchkeep.dtypes import DTYPES, DType
 from torchkeep.errors import UnsupportedTypeError
 from torchkeep.formats.pickler import render_path
+from torchkeep.tensors import check_saveable, location_of, unsupported_subclass
 from torchkeep.tree import Device, PickledObject, Size, StorageView, Symbol, TensorRef
 from torchkeep.unpickle.allowlist import Allowlist
 
@@ -47,7 +48,6 @@ _FROM_TYPE = torch._tensor._rebuild_from_type_v2
 _UNTYPED = torch.storage.UntypedStorage
 _NATIVE = frozenset({bool, int, float, str, bytes, bytearray, complex})
 _STORAGE = "storage"
-_CPU = "cpu"
 
 
 class NeedsTreePickler(Exception):
@@ -91,12 +91,10 @@ def _storage_class(dtype: torch.dtype) -> Any:
     return getattr(torch, name) if name else None
 
 
+#: dtypes torch.save writes with a typed legacy storage class (and _rebuild_tensor_v2)
 _LEGACY = {
-    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
-    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage",
-    torch.bool: "BoolStorage", torch.complex128: "ComplexDoubleStorage",
-    torch.complex64: "ComplexFloatStorage",
+    getattr(torch, d.name): d.storage_class
+    for d in DTYPES.values() if d.storage_class and d.kind != "quantized"
 }
 
 
@@ -105,7 +103,6 @@ class _Pickler(pickle.Pickler):
         super().__init__(file, protocol=2)
         self.entries: list[StorageEntry] = []
         self._by_storage: dict[int, StorageEntry] = {}
-        self._dtypes: dict[int, torch.dtype] = {}
         self._classes: dict[torch.dtype, Any] = {}
 
     def persistent_id(self, obj: Any) -> Any:
@@ -123,9 +120,7 @@ class _Pickler(pickle.Pickler):
                 cls = _storage_class(dtype)
                 self._classes[dtype] = cls
             numel = nbytes // dtype.itemsize
-        device = entry.storage.device
-        location = _CPU if device.type == _CPU else str(device)
-        return (_STORAGE, cls, entry.key, location, numel)
+        return (_STORAGE, cls, entry.key, location_of(entry.storage.device), numel)
 
     def _entry(self, storage: torch.UntypedStorage, dtype: torch.dtype) -> StorageEntry:
         cdata = storage._cdata
@@ -134,22 +129,21 @@ class _Pickler(pickle.Pickler):
             entry = StorageEntry(str(len(self.entries)), storage, dtype)
             self.entries.append(entry)
             self._by_storage[cdata] = entry
-            self._dtypes[cdata] = dtype
-        elif self._dtypes[cdata] != dtype and (dtype in _LEGACY or self._dtypes[cdata] in _LEGACY
-                                               or dtype.itemsize != self._dtypes[cdata].itemsize):
+        elif entry.dtype != dtype and (dtype in _LEGACY or entry.dtype in _LEGACY
+                                       or dtype.itemsize != entry.dtype.itemsize):
             raise UnsupportedTypeError(
                 "tensors that view the same storage as different dtypes "
-                f"({str(self._dtypes[cdata])[6:]} and {str(dtype)[6:]}) cannot be saved "
+                f"({str(entry.dtype)[6:]} and {str(dtype)[6:]}) cannot be saved "
                 "(torch.save refuses them too); clone one of them")
         return entry
 
-    def _tensor_args(self, t: torch.Tensor, requires_grad: bool) -> tuple[Any, ...]:
+    def _tensor_args(self, t: torch.Tensor) -> tuple[Any, ...]:
         dtype = t.dtype
         entry = self._entry(t.untyped_storage(), dtype)
         legacy = dtype in _LEGACY
         args: tuple[Any, ...] = (
             _StorageRef(entry, dtype if legacy else None), t.storage_offset(),
-            tuple(t.size()), t.stride(), requires_grad, _EmptyHooks(),
+            tuple(t.size()), t.stride(), t.requires_grad, _EmptyHooks(),
         )
         if not legacy:
             args = (*args, dtype)
@@ -167,7 +161,7 @@ class _Pickler(pickle.Pickler):
         if kind is _EmptyHooks:
             return _EMPTY_HOOKS_REDUCE
         if kind is torch.Tensor or kind is torch.nn.Parameter:
-            _check_tensor(obj)
+            check_saveable(obj)
             state = obj.__dict__
             if kind is torch.nn.Parameter:
                 if state:
@@ -175,7 +169,7 @@ class _Pickler(pickle.Pickler):
                                                dict(state)))
                 return (_PARAMETER, (obj.data, obj.requires_grad, _EmptyHooks()))
             func = _V2 if obj.dtype in _LEGACY else _V3
-            args = self._tensor_args(obj, obj.requires_grad)
+            args = self._tensor_args(obj)
             if state:
                 return (_FROM_TYPE, (func, torch.Tensor, args, dict(state)))
             return (func, args)
@@ -188,7 +182,7 @@ class _Pickler(pickle.Pickler):
             return NotImplemented
         if isinstance(obj, np.dtype) or kind is bytearray:
             return NotImplemented
-        if isinstance(obj, (type, type(len), type(_check_tensor))):
+        if isinstance(obj, (type, type(len), type(_is_storage_class))):
             name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
             if name.replace("__builtin__", "builtins") in _ALLOWED_GLOBALS or obj in (
                     _V2, _V3, _PARAMETER, _PARAMETER_STATE, _FROM_TYPE, torch.Tensor,
@@ -200,9 +194,7 @@ class _Pickler(pickle.Pickler):
         if isinstance(obj, _PLACEHOLDERS):
             raise NeedsTreePickler
         if isinstance(obj, torch.Tensor):
-            raise UnsupportedTypeError(
-                f"tensor subclass {kind.__module__}.{kind.__qualname__} is not supported; "
-                "save a plain tensor (t.as_subclass(torch.Tensor))")
+            raise unsupported_subclass(kind)
         raise UnsupportedTypeError(
             f"unsupported type {kind.__module__}.{kind.__qualname__}; torchkeep saves tensors, "
             "containers, numbers, strings, bytes and numpy arrays, never arbitrary pickled "
@@ -212,15 +204,6 @@ class _Pickler(pickle.Pickler):
 def _is_storage_class(obj: Any) -> bool:
     return isinstance(obj, type) and obj.__module__ == "torch" and obj.__name__.endswith(
         "Storage")
-
-
-def _check_tensor(t: torch.Tensor) -> None:
-    if t.layout is not torch.strided:
-        raise UnsupportedTypeError(f"{t.layout} tensors are not supported by torchkeep.save")
-    if t.is_quantized:
-        raise UnsupportedTypeError("quantized tensors are not supported by torchkeep.save")
-    if t.is_meta:
-        raise UnsupportedTypeError("meta tensors have no data to save")
 
 
 def pickle_torch_tree(obj: Any) -> tuple[bytes, list[StorageEntry]]:
