@@ -26,7 +26,7 @@ from torchkeep.formats.treejson import contiguous_strides
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.atomic import write_atomically
 from torchkeep.storage.loader import StorageLoader
-from torchkeep.tree import StorageRef, TensorRef, iter_tensors, join_path
+from torchkeep.tree import StorageRef, TensorRef, iter_tensors, join_path, map_tree
 
 __all__ = ["ConversionResult", "convert", "parse_size", "select"]
 
@@ -85,25 +85,18 @@ class _Placeholders:
     def register_tree(self, tree: Any, cast: DType | None, limits: Limits) -> tuple[Any, int]:
         """Route every storage of ``tree`` to this source; with ``cast``, replace floating
         tensors by contiguous cast copies (made one at a time, when written)."""
-        if cast is None:
-            for _, leaf in iter_tensors(tree, limits=limits):
-                for ref in _storages_of(leaf):
-                    self.describer.register(ref, self.original)
-            return tree, 0
         replaced: dict[int, TensorRef] = {}
-        count = 0
         for _, leaf in iter_tensors(tree, limits=limits):
             for ref in _storages_of(leaf):
                 self.describer.register(ref, self.original)
-            if isinstance(leaf, TensorRef) and leaf.dtype.is_floating_point \
-                    and leaf.dtype is not cast and id(leaf) not in replaced:
+            if cast is not None and isinstance(leaf, TensorRef) \
+                    and leaf.dtype.is_floating_point and leaf.dtype is not cast \
+                    and id(leaf) not in replaced:
                 replaced[id(leaf)] = self._cast(leaf, cast)
-                count += 1
         if not replaced:
             return tree, 0
-        from torchkeep.tree import map_tree
-
-        return map_tree(tree, lambda leaf: replaced.get(id(leaf), leaf), limits=limits), count
+        return (map_tree(tree, lambda leaf: replaced.get(id(leaf), leaf), limits=limits),
+                len(replaced))
 
     def _cast(self, ref: TensorRef, target: DType) -> TensorRef:
         storage = StorageRef(f"cast:{id(ref)}", target, ref.numel * target.itemsize)

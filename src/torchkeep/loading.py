@@ -110,16 +110,17 @@ def load_into(
     target = module.state_dict()
     report = LoadReport(source_key=source_key)
     mapping = {k: k for k in state if k in target}
+    matched = set(mapping)  # the model keys some source key already fills
     if len(mapping) < len(target):
         by_stripped = {_strip(k): k for k in target}
         for key in state:
             if key in mapping:
                 continue
             model_key = by_stripped.get(_strip(key))
-            if model_key is not None and model_key not in mapping.values():
+            if model_key is not None and model_key not in matched:
                 mapping[key] = model_key
+                matched.add(model_key)
                 report.renamed[key] = model_key
-    matched = set(mapping.values())
     report.unexpected = [k for k in state if k not in mapping]
     report.missing = [k for k in target if k not in matched]
     to_load: dict[str, torch.Tensor] = {}
