@@ -308,3 +308,17 @@ def test_prune_protects_the_runs_own_best_step_without_metric_flag(run, tmp_path
     doc = run("prune", path, "--keep-last", "1", "--dry-run", "--json").json()
     assert doc["would_delete"] == [30]
     assert doc["kept"]["10"].startswith("best loss")
+
+
+def test_verify_step_directory_names_structural_damage(tmp_path) -> None:
+    with torchkeep.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, {"w": torch.ones(1000), "b": torch.zeros(10)})
+        step = Path(mgr.step_path(1))
+    intact = torchkeep.verify(step)
+    assert intact.intact and intact.checked == 3 and intact.checked_bytes == 4040
+    data = step / "data-00000.bin"
+    data.write_bytes(data.read_bytes()[:1000])
+    truncated = torchkeep.verify(step)
+    assert not truncated.intact and "runs past the end of data-00000.bin" in truncated.problem
+    (step / "manifest.json").write_text("{}")
+    assert "does not match its checksum in the commit marker" in torchkeep.verify(step).problem

@@ -25,7 +25,8 @@ from torchkeep.tree import StorageRef
 from torchkeep.unpickle import Allowlist, AllowSpec
 
 __all__ = [
-    "Describer", "SaveOptions", "load", "parse", "resolve_format", "save", "write_tree",
+    "Describer", "SaveOptions", "load", "parse", "resolve_format", "save", "step_directory",
+    "write_tree",
 ]
 
 Backend = Literal["torch", "numpy"]
@@ -195,6 +196,15 @@ def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOp
 # -- loading ----------------------------------------------------------------------------
 
 
+def step_directory(f: Any) -> str | None:
+    """``f`` as a step directory (a local folder or an fsspec URL), else None (a file)."""
+    if isinstance(f, (str, os.PathLike)):
+        text = str(os.fspath(f))
+        if "://" in text or os.path.isdir(text):
+            return text
+    return None
+
+
 def parse(
     f: Any,
     *,
@@ -202,12 +212,11 @@ def parse(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Parsed:
     """Parse ``f`` into placeholders (no tensor bytes read). The caller closes the result."""
-    if isinstance(f, (str, os.PathLike)):
-        text = str(os.fspath(f))
-        if "://" in text or os.path.isdir(text):
-            from torchkeep.formats.manifest import read_step_dir
+    directory = step_directory(f)
+    if directory is not None:
+        from torchkeep.formats.manifest import read_step_dir
 
-            return read_step_dir(text, limits=limits)
+        return read_step_dir(directory, limits=limits)
     source = open_source(f)
     try:
         return parse_source(source, allowlist=Allowlist(allow), limits=limits)

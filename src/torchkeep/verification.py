@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,13 +9,12 @@ from typing import Any
 
 import xxhash
 
-from torchkeep.api import parse_source
-from torchkeep.errors import CorruptCheckpointError, IntegrityError, TorchkeepError
+from torchkeep.api import parse_source, step_directory
+from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.formats.detect import detect
-from torchkeep.formats.manifest import read_manifest
+from torchkeep.formats.manifest import read_step_dir
 from torchkeep.formats.ziparchive import ZipArchive
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.filesystem import open_filesystem
 from torchkeep.storage.source import Source, open_source
 from torchkeep.unpickle import Allowlist
 
@@ -75,10 +73,9 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
     structure (safetensors bounds, pickle, storage sizes). Never raises for corruption:
     the result names the first bad record or tensor."""
     tick = progress or (lambda n: None)
-    if isinstance(f, (str, os.PathLike)):
-        text = str(os.fspath(f))
-        if "://" in text or os.path.isdir(text):
-            return _verify_step(text, tick)
+    directory = step_directory(f)
+    if directory is not None:
+        return _verify_step(directory, limits, tick)
     source = open_source(f)
     try:
         fmt = detect(source)
@@ -124,36 +121,23 @@ def _verify_zip(source: Source, result: Verification, limits: Limits,
                             "torch.serialization.set_crc32_options(False))")
 
 
-def _verify_step(directory: str, tick: Callable[[int], None]) -> Verification:
-    fs, path = open_filesystem(directory)
+def _verify_step(directory: str, limits: Limits, tick: Callable[[int], None]) -> Verification:
     result = Verification(directory, "torchkeep")
     try:
-        manifest = read_manifest(fs, path, verify=True)
-        result.checked += 1
-        tensors = manifest.get("tensors")
-        if not isinstance(tensors, dict):
-            raise CorruptCheckpointError("manifest has no tensor table")
-        sources: dict[str, Source] = {}
-        try:
-            for name, entry in tensors.items():
-                for chunk in entry.get("chunks", []):
-                    file_name = str(chunk["file"])
-                    if "/" in file_name or file_name.startswith("."):
-                        raise CorruptCheckpointError(f"tensor {name!r}: bad file name")
-                    if file_name not in sources:
-                        sources[file_name] = fs.source(fs.join(path, file_name))
-                    source = sources[file_name]
-                    offset, size = int(chunk["offset"]), int(chunk["nbytes"])
-                    if offset < 0 or offset + size > source.size:
-                        raise CorruptCheckpointError(
-                            f"tensor {name!r} runs past the end of {file_name}")
-                    if _xxh3_of(source, offset, size, tick) != chunk["xxh3"]:
-                        raise IntegrityError(f"tensor {name!r} does not match its checksum")
-                    result.checked += 1
-                    result.checked_bytes += size
-        finally:
-            for source in sources.values():
-                source.close()
+        # the manifest's own checksum, every chunk's bounds and the tree's structure
+        parsed = read_step_dir(directory, limits=limits)
     except (CorruptCheckpointError, KeyError, TypeError, ValueError) as e:
         result.problem = e.reason if isinstance(e, TorchkeepError) else f"malformed manifest ({e})"
+        return result
+    try:
+        result.checked += 1
+        for name, record in parsed.records.items():
+            assert record.source is not None and record.offset is not None
+            if _xxh3_of(record.source, record.offset, record.nbytes, tick) != record.xxh3:
+                result.problem = f"tensor {name!r} does not match its checksum"
+                break
+            result.checked += 1
+            result.checked_bytes += record.nbytes
+    finally:
+        parsed.close()
     return result

@@ -27,7 +27,6 @@ import numpy as np
 import xxhash
 
 from torchkeep import dtypes
-from torchkeep.dtypes import DType
 from torchkeep.errors import (
     CorruptCheckpointError,
     FormatError,
@@ -128,7 +127,7 @@ def _write_data(
     offset = 0
     for payload in payloads:
         data = payload.bytes(storage_bytes)
-        digest = digest_async(xxhash.xxh3_64_intdigest, data)  # runs while data is written
+        digest = digest_async(checksum, data)  # runs while data is written
         pad = -offset % ALIGNMENT
         if pad:
             write(b"\0" * pad)
@@ -147,7 +146,7 @@ def _write_data(
                 "file": file_name,
                 "offset": offset,
                 "nbytes": data.nbytes,
-                "xxh3": f"{digest.result():016x}",
+                "xxh3": digest.result(),
             }],
         }
         offset += data.nbytes
@@ -257,7 +256,6 @@ def read_step_dir(
     sources: dict[str, Any] = {}
     records: dict[str, Record] = {}
     refs: dict[str, TensorRef] = {}
-    hashes: dict[str, str] = {}
 
     def fail(message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"manifest: {message}", source=name)
@@ -302,8 +300,8 @@ def read_step_dir(
             requires_grad=bool(entry.get("requires_grad", False)),
             parameter=bool(entry.get("parameter", False)),
         )
-        records[tensor_name] = Record(nbytes, offset=offset, name=tensor_name, source=source)
-        hashes[tensor_name] = digest
+        records[tensor_name] = Record(nbytes, offset=offset, name=tensor_name, source=source,
+                                      xxh3=digest)
 
     def resolve(ref_name: Any, node: dict[str, Any]) -> TensorRef:
         found = refs.get(ref_name) if isinstance(ref_name, str) else None
@@ -314,7 +312,7 @@ def read_step_dir(
     tree = TreeDecoder(resolve, name, limits).node(manifest.get("tree"), 0)
 
     def check(storage: StorageRef, data: memoryview) -> None:
-        if checksum(data) != hashes[storage.key]:
+        if checksum(data) != records[storage.key].xxh3:
             raise IntegrityError(
                 f"tensor {storage.key!r} of step {step} does not match its checksum",
                 source=name,
@@ -322,14 +320,10 @@ def read_step_dir(
 
     info = {k: manifest.get(k) for k in ("step", "created", "metrics", "torch_version",
                                          "torchkeep_version")}
-    manifest_source = open_source(json.dumps(manifest).encode())
+    manifest_source = open_source(b"")  # stands for the directory: only its name is used
     manifest_source.name = name
     parsed = Parsed("torchkeep", tree, manifest_source, records, "little", info,
                     verify=check if verify else None)
     parsed.extra_sources = list(sources.values())
     return parsed
 
-
-def dtype_of(entry: dict[str, Any]) -> DType:
-    """The dtype of a manifest tensor entry."""
-    return dtypes.by_name(entry["dtype"])

@@ -28,6 +28,8 @@ class Record:
     name: str = ""
     #: the input holding the bytes, when it is not the parsed file itself (step directories)
     source: Source | None = None
+    #: the recorded xxh3-64 as 16 hex digits, when there is one (step directories)
+    xxh3: str | None = None
 
 
 @dataclass(slots=True)
