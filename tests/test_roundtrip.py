@@ -873,6 +873,22 @@ def test_torch_save_torchkeep_load_from_buffers(source: str, tmp_path: Path) -> 
         assert_torchkeep_loaded(loaded, expected)
 
 
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_big_endian_complex_storage_swaps_each_half(tmp_path: Path) -> None:
+    # a typed complex storage met before the tensor that shares it: both must swap the
+    # real and imaginary halves on their own, never the whole 8-byte value
+    t = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    little = tmp_path / "little.pt"
+    torch.save({"s": t.storage(), "t": t}, little)
+    big = tmp_path / "big.pt"
+    rewrite_zip(little, big, transform=big_endian_transform({"0": 4}))
+    for backend in ("torch", "numpy"):
+        loaded = torchkeep.load(big, backend=backend)
+        assert list(np.asarray(loaded["t"])) == [1 + 2j, 3 - 4j], backend
+        assert list(np.asarray(list(loaded["s"]) if backend == "torch" else loaded["s"])) \
+            == [1 + 2j, 3 - 4j], backend
+
+
 def test_torchkeep_reads_legacy_files_with_v3_dtypes() -> None:
     """torch.save(_use_new_zipfile_serialization=False) writes these; torch 2.13 cannot
     load them back (UntypedStorage has no dtype); torchkeep can."""

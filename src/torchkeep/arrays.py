@@ -9,7 +9,7 @@ import numpy as np
 from torchkeep.errors import FormatError
 from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.loader import StorageLoader, swap_unit
+from torchkeep.storage.loader import StorageLoader
 from torchkeep.tree import SparseRef, StorageView, TensorRef, map_tree
 
 __all__ = ["NumpyMaterializer", "QuantizedArray", "SparseArray", "tensor_to_numpy"]
@@ -70,8 +70,7 @@ def tensor_to_numpy(loader: StorageLoader, ref: TensorRef) -> np.ndarray[Any, An
         raise FormatError(
             f"a {ref.location} tensor has no data; the numpy backend cannot represent it"
         )
-    unit = swap_unit(dtype.itemsize, dtype.kind == "complex")
-    data = loader.view_bytes(ref.storage, unit)
+    data = loader.view_bytes(ref.storage, dtype.swap_unit)
     itemsize = dtype.itemsize
     if ref.numel == 0:  # may start past the storage's end, which numpy refuses
         return np.empty(ref.shape, dtype=np_dtype)
@@ -114,7 +113,7 @@ class NumpyMaterializer:
             parts = tuple(tensor_to_numpy(loader, p) for p in leaf.parts)
             return SparseArray(leaf.layout, parts, leaf.size)
         if isinstance(leaf, StorageView):
-            data = loader.view_bytes(leaf.storage, leaf.dtype.itemsize)
+            data = loader.view_bytes(leaf.storage, leaf.dtype.swap_unit)
             return data.view(leaf.dtype.numpy) if leaf.dtype.itemsize > 1 else data
         return leaf
 

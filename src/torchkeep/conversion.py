@@ -80,7 +80,7 @@ class _Placeholders:
         self.describer = describer
 
     def original(self, ref: StorageRef) -> Any:
-        return self.loader.view_bytes(ref, ref.dtype.itemsize).data
+        return self.loader.view_bytes(ref, ref.dtype.swap_unit).data
 
     def register_tree(self, tree: Any, cast: DType | None, limits: Limits) -> tuple[Any, int]:
         """Route every storage of ``tree`` to this source; with ``cast``, replace floating

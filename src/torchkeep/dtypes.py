@@ -52,6 +52,11 @@ class DType:
         return self.kind == "float"
 
     @property
+    def swap_unit(self) -> int:
+        """Bytes per byte-swapped unit: complex values swap each real/imag half on its own."""
+        return self.itemsize // 2 if self.kind == "complex" else self.itemsize
+
+    @property
     def has_tensors(self) -> bool:
         """False for shell dtypes (uint1..7, int1..7) that name no saveable tensor."""
         return self.kind != "shell"

@@ -25,7 +25,7 @@ from torchkeep.errors import (
 )
 from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.loader import StorageLoader, swap_unit
+from torchkeep.storage.loader import StorageLoader
 from torchkeep.tree import (
     Device,
     SparseRef,
@@ -207,7 +207,7 @@ class TorchMaterializer:
                 or ref.neg or ref.quantizer is not None or not ref.numel
                 or storage.base is not None or not ref.covers_storage()):
             return None
-        unit = swap_unit(ref.dtype.itemsize, ref.dtype.kind == "complex")
+        unit = ref.dtype.swap_unit
         data = self.loader.view_bytes(storage, unit)
         result = torch.from_numpy(data)
         if dtype is not torch.uint8:
@@ -228,7 +228,7 @@ class TorchMaterializer:
         elif ref.quantizer is not None:
             result = _quantized(ref, self.storage(ref.storage, 1), dtype, self.tensor)
         else:
-            unit = swap_unit(ref.dtype.itemsize, ref.dtype.kind == "complex")
+            unit = ref.dtype.swap_unit
             storage = self.storage(ref.storage, unit)
             # an empty uint8 tensor viewed as the dtype: torch.empty(dtype=...) would run a
             # fill kernel under use_deterministic_algorithms, which float4/bits dtypes lack
@@ -276,7 +276,7 @@ class TorchMaterializer:
         if isinstance(leaf, Symbol):
             return _symbol(leaf)
         if isinstance(leaf, StorageView):
-            storage = self.storage(leaf.storage, leaf.dtype.itemsize)
+            storage = self.storage(leaf.storage, leaf.dtype.swap_unit)
             if leaf.untyped:
                 return storage
             return torch.storage.TypedStorage(

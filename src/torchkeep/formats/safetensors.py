@@ -252,7 +252,7 @@ def write_safetensors(
         if view.nbytes != entry.ref.nbytes:
             raise CorruptCheckpointError(f"tensor {entry.name!r} changed size while saving")
         if sys.byteorder == "big" and entry.ref.dtype.itemsize > 1:
-            unit = entry.ref.dtype.itemsize // (2 if entry.ref.dtype.kind == "complex" else 1)
+            unit = entry.ref.dtype.swap_unit
             swapped = np.frombuffer(view, dtype=f">u{unit}").astype(f"<u{unit}")
             view = memoryview(swapped)  # type: ignore[arg-type]
         if view.nbytes:

@@ -11,12 +11,7 @@ from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.storage.source import Source
 from torchkeep.tree import StorageRef
 
-__all__ = ["StorageLoader", "swap_unit"]
-
-
-def swap_unit(itemsize: int, complex_: bool) -> int:
-    """Bytes per byte-swapped unit: complex values swap each real/imag half on its own."""
-    return itemsize // 2 if complex_ else itemsize
+__all__ = ["StorageLoader"]
 
 
 class StorageLoader:
