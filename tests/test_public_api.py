@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import pathlib
 
 import torchkeep
 import torchkeep.errors as errors
+from torchkeep.limits import Limits
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -43,3 +46,11 @@ def test_public_callables_have_docstrings() -> None:
         obj = getattr(torchkeep, name)
         if callable(obj):
             assert inspect.getdoc(obj), name
+
+
+def test_every_limit_is_checked_somewhere() -> None:
+    """A field of Limits that no parser checks would promise a bound it does not keep."""
+    root = pathlib.Path(torchkeep.__file__).parent
+    code = "\n".join(p.read_text() for p in root.rglob("*.py") if p.name != "limits.py")
+    for field in dataclasses.fields(Limits):
+        assert f'"{field.name}"' in code, f"Limits.{field.name} is never checked"

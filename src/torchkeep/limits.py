@@ -35,8 +35,6 @@ class Limits:
     max_depth: int = 256
     #: Bytes of one integer literal in a pickle (LONG1/LONG4/LONG).
     max_int_bytes: int = 1024
-    #: Objects visited when walking a tree that shares sub-trees (memo bombs).
-    max_tree_nodes: int = 50_000_000
 
     def check(self, name: str, value: int, what: str) -> None:
         """Raise LimitExceededError when ``value`` exceeds the limit called ``name``."""
