@@ -51,6 +51,7 @@ __all__ = [
     "Pending",
     "StorageClass",
     "build",
+    "canonical",
     "dangerous",
     "storage_pid",
 ]
@@ -167,15 +168,25 @@ def _blocked(module: str) -> bool:
     return bool(_prefixes(module) & NEVER_ALLOWED)
 
 
+_CODE_MODULES = NEVER_ALLOWED | RISKY_MODULES
+#: Python 2 module names protocol 0-2 pickles may use for their Python 3 modules
+_RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def canonical(module: str) -> str:
+    """The Python 3 name of a module a pickle names (``__builtin__`` is ``builtins``)."""
+    return _RENAMED_MODULES.get(module, module)
+
+
 def dangerous(qualname: str) -> bool:
     """True for globals that run code or reach the system when called (never data)."""
     module, _, name = qualname.rpartition(".")
-    module = _RENAMED_MODULES.get(module, module)
+    module = canonical(module)
     if module == "builtins":
         return name in RISKY_BUILTINS
     if module == "torch" and name in ("load", "save"):
         return True
-    return bool(_prefixes(module) & (NEVER_ALLOWED | RISKY_MODULES))
+    return bool(_prefixes(module) & _CODE_MODULES)
 
 
 # -- argument checks -----------------------------------------------------------------------
@@ -868,7 +879,6 @@ def _default_table() -> dict[str, Any]:
 
 
 _DEFAULT_TABLE = _default_table()
-_RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 #: What ``allow=`` takes: a class, ``"module.Name"``, or ``(class_or_factory, "module.Name")``.
 AllowSpec = type | str | tuple[Any, str]
@@ -936,8 +946,7 @@ class Allowlist:
 
     def resolve(self, m: Machine, module: str, name: str) -> Any:
         """The value a GLOBAL opcode pushes for ``module.name``, or UnsafeCheckpointError."""
-        module = _RENAMED_MODULES.get(module, module)
-        qualname = f"{module}.{name}"
+        qualname = f"{canonical(module)}.{name}"
         found = self._table.get(qualname)
         if found is not None:
             return found

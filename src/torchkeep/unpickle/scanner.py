@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchkeep.errors import TorchkeepError
-from torchkeep.formats.torch_legacy import is_legacy
+from torchkeep.formats.detect import is_pickle_head, is_zip_head, looks_like_safetensors
+from torchkeep.formats.torch_legacy import is_legacy, stream_bytes
 from torchkeep.formats.ziparchive import ZipArchive
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source, open_source
-from torchkeep.unpickle.allowlist import Allowlist, dangerous
+from torchkeep.unpickle.allowlist import Allowlist, canonical, dangerous
 
 __all__ = ["Finding", "ScanReport", "scan", "scan_pickle_bytes"]
 
 _SAFE_NAMES = Allowlist().names
-_RENAMED = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
                "BINSTRING", "SHORT_BINSTRING"}
 _BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
@@ -76,8 +76,7 @@ class ScanReport:
 def verdict_of(qualname: str) -> str:
     """``safe``, ``unsafe`` or ``unknown`` for a ``module.name`` global."""
     module, _, name = qualname.rpartition(".")
-    module = _RENAMED.get(module, module)
-    qualname = f"{module}.{name}"
+    qualname = f"{canonical(module)}.{name}"
     if qualname in _SAFE_NAMES:
         return "safe"
     return "unsafe" if dangerous(qualname) else "unknown"
@@ -252,17 +251,17 @@ def scan(f: Any, *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
 def _scan_source(source: Source, limits: Limits) -> ScanReport:
     head = source.read(0, min(source.size, 512))
     report = ScanReport(source.name, "unknown")
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    if is_zip_head(head):
         report.format = "zip"
         _scan_zip(source, report, limits)
     elif is_legacy(head):
         report.format = "torch-legacy"
         _scan_legacy(source, report, limits)
-    elif head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+    elif is_pickle_head(head):
         report.format = "pickle"
         limits.check("max_pickle_bytes", source.size, "pickle size")
         _pickles_in(source.read(0, source.size), "pickle", report, sequence=True)
-    elif _looks_like_safetensors(head, source.size):
+    elif looks_like_safetensors(head, source.size):
         report.format = "safetensors"  # JSON and raw bytes: nothing executable
     else:
         limits.check("max_pickle_bytes", source.size, "file size")
@@ -273,13 +272,6 @@ def _scan_source(source: Source, limits: Limits) -> ScanReport:
         if zip_at > 0:
             report.errors.append(f"a zip archive starts at byte {zip_at}, after other data")
     return report
-
-
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 2 <= n <= size - 8 and head[8:9] in (b"{", b" ")
 
 
 def _scan_zip(source: Source, report: ScanReport, limits: Limits) -> None:
@@ -342,8 +334,6 @@ def _scan_gaps(source: Source, covered: list[tuple[int, int]], report: ScanRepor
 
 
 def _scan_legacy(source: Source, report: ScanReport, limits: Limits) -> None:
-    from torchkeep.formats.torch_legacy import stream_bytes
-
     data = stream_bytes(source)
     pos = 0
     for label in ("magic number", "protocol version", "sys_info", "object", "storage keys"):
