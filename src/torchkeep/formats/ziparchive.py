@@ -14,16 +14,18 @@ import zlib
 from dataclasses import dataclass
 
 from torchkeep.errors import CorruptCheckpointError, IntegrityError, UnsupportedFormatError
+from torchkeep.formats.zipstructs import (
+    CENTRAL_HEADER,
+    END_RECORD,
+    LOCAL_HEADER,
+    ZIP64_END_RECORD,
+    ZIP64_LOCATOR,
+)
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
 
 __all__ = ["ZipArchive", "ZipMember"]
 
-_EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes
-_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
-_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes
-_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # 46 bytes
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
 
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot expand a byte into more than ~1032 bytes
 
@@ -64,15 +66,15 @@ class ZipArchive:
 
     def _find_eocd(self) -> tuple[int, tuple[int, ...]]:
         size = self.source.size
-        if size < _EOCD.size:
+        if size < END_RECORD.size:
             raise self._fail("file too small to be a zip archive")
-        tail_len = min(size, _EOCD.size + 0xFFFF)
+        tail_len = min(size, END_RECORD.size + 0xFFFF)
         tail = self.source.read(size - tail_len, tail_len)
         pos = tail.rfind(b"PK\x05\x06")
         while pos >= 0:
-            if pos + _EOCD.size <= len(tail):
-                fields = _EOCD.unpack_from(tail, pos)
-                if pos + _EOCD.size + fields[7] == len(tail):
+            if pos + END_RECORD.size <= len(tail):
+                fields = END_RECORD.unpack_from(tail, pos)
+                if pos + END_RECORD.size + fields[7] == len(tail):
                     return size - tail_len + pos, fields
             pos = tail.rfind(b"PK\x05\x06", 0, pos)
         raise self._fail("no end-of-central-directory record (truncated or not a zip)")
@@ -81,15 +83,15 @@ class ZipArchive:
         eocd_pos, eocd = self._find_eocd()
         _, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, _ = eocd
         dir_end = eocd_pos
-        if eocd_pos >= _ZIP64_LOCATOR.size:
-            loc = self.source.read(eocd_pos - _ZIP64_LOCATOR.size, _ZIP64_LOCATOR.size)
-            sig, loc_disk, z64_offset, disks = _ZIP64_LOCATOR.unpack(loc)
+        if eocd_pos >= ZIP64_LOCATOR.size:
+            loc = self.source.read(eocd_pos - ZIP64_LOCATOR.size, ZIP64_LOCATOR.size)
+            sig, loc_disk, z64_offset, disks = ZIP64_LOCATOR.unpack(loc)
             if sig == b"PK\x06\x07":
-                if z64_offset + _ZIP64_EOCD.size > eocd_pos - _ZIP64_LOCATOR.size:
+                if z64_offset + ZIP64_END_RECORD.size > eocd_pos - ZIP64_LOCATOR.size:
                     raise self._fail("zip64 end record offset points past its locator")
                 (sig64, _rec_size, _made, _need, disk64, cd_disk64, n_disk64, n_total64,
-                 cd_size64, cd_offset64) = _ZIP64_EOCD.unpack(
-                    self.source.read(z64_offset, _ZIP64_EOCD.size)
+                 cd_size64, cd_offset64) = ZIP64_END_RECORD.unpack(
+                    self.source.read(z64_offset, ZIP64_END_RECORD.size)
                 )
                 if sig64 != b"PK\x06\x06":
                     raise self._fail("bad zip64 end-of-central-directory signature")
@@ -116,7 +118,7 @@ class ZipArchive:
             raise self._fail(
                 f"central directory ({cd_offset}+{cd_size}) runs past its end record at {dir_end}"
             )
-        if n_total * _CENTRAL.size > cd_size:
+        if n_total * CENTRAL_HEADER.size > cd_size:
             raise self._fail(f"{n_total} records cannot fit a {cd_size}-byte central directory")
         directory = self.source.read(cd_offset, cd_size)
         self._parse_directory(directory, n_total, cd_offset)
@@ -125,13 +127,13 @@ class ZipArchive:
         pos = 0
         members: list[ZipMember] = []
         for _ in range(count):
-            if pos + _CENTRAL.size > len(directory):
+            if pos + CENTRAL_HEADER.size > len(directory):
                 raise self._fail("central directory is truncated")
             (sig, _made, _need, flags, method, _time, _date, crc, csize, usize, nlen, xlen,
-             clen, disk, _iattr, _eattr, offset) = _CENTRAL.unpack_from(directory, pos)
+             clen, disk, _iattr, _eattr, offset) = CENTRAL_HEADER.unpack_from(directory, pos)
             if sig != b"PK\x01\x02":
                 raise self._fail(f"bad central directory signature at entry {len(members)}")
-            pos += _CENTRAL.size
+            pos += CENTRAL_HEADER.size
             if pos + nlen + xlen + clen > len(directory):
                 raise self._fail("central directory entry runs past the directory")
             raw_name = directory[pos : pos + nlen]
@@ -210,27 +212,27 @@ class ZipArchive:
         usize: int,
         offset: int,
     ) -> ZipMember:
-        header = self.source.read(offset, _LOCAL.size) if offset + _LOCAL.size <= (
+        header = self.source.read(offset, LOCAL_HEADER.size) if offset + LOCAL_HEADER.size <= (
             self.source.size
         ) else None
         if header is None:
             raise self._fail(f"record {name!r} has its local header past the end of the file")
         (sig, _need, lflags, lmethod, _time, _date, lcrc, lcsize, lusize, lnlen,
-         lxlen) = _LOCAL.unpack(header)
+         lxlen) = LOCAL_HEADER.unpack(header)
         if sig != b"PK\x03\x04":
             raise self._fail(f"record {name!r}: no local header at offset {offset}")
         if lmethod != method:
             raise self._fail(f"record {name!r}: local and central headers disagree on method")
         if (lflags ^ flags) & 0x0809:
             raise self._fail(f"record {name!r}: local and central headers disagree on flags")
-        if self.source.read(offset + _LOCAL.size, lnlen) != raw_name:
+        if self.source.read(offset + LOCAL_HEADER.size, lnlen) != raw_name:
             raise self._fail(f"record {name!r}: local header names a different record")
         if not lflags & 0x8:
             if lcrc != crc:
                 raise self._fail(f"record {name!r}: local and central CRC-32 disagree")
             if lcsize != 0xFFFFFFFF and (lcsize != csize or lusize != usize):
                 raise self._fail(f"record {name!r}: local and central sizes disagree")
-        data_offset = offset + _LOCAL.size + lnlen + lxlen
+        data_offset = offset + LOCAL_HEADER.size + lnlen + lxlen
         if data_offset + csize > self.source.size:
             raise self._fail(f"record {name!r} runs past the end of the file (truncated)")
         return ZipMember(name, method, flags, crc, csize, usize, offset, data_offset)

@@ -15,18 +15,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchkeep.formats.serialization_id import serialization_id
+from torchkeep.formats.zipstructs import (
+    CENTRAL_HEADER,
+    DESCRIPTOR,
+    DESCRIPTOR64,
+    END_RECORD,
+    LOCAL_HEADER,
+    ZIP64_END_RECORD,
+    ZIP64_LOCATOR,
+)
 
 __all__ = ["ZipWriter"]
 
 _U32_MAX = 0xFFFFFFFF
 _SMALL_WRITE = 1 << 16
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")
-_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
-_DESC = struct.Struct("<4sIII")
-_DESC64 = struct.Struct("<4sIQQ")
-_H = struct.Struct("<H")
 #: the padding extra field for every pad length below 64 (the default alignment)
 _PADS = [b"FB" + struct.pack("<H", n) + b"Z" * n for n in range(64)]
+
+
+def _pad_field(pad: int) -> bytes:
+    """The extra field that pads a local header by ``pad`` bytes, as miniz writes it."""
+    return _PADS[pad] if pad < len(_PADS) else b"FB" + struct.pack("<H", pad) + b"Z" * pad
 
 
 @dataclass(slots=True)
@@ -86,29 +95,25 @@ class ZipWriter:
     # -- records -----------------------------------------------------------------------
 
     def _padding(self, name: bytes, size: int) -> bytes:
-        start = self.offset + 30 + len(name) + 4
+        start = self.offset + LOCAL_HEADER.size + len(name) + 4
         if size < _U32_MAX and self.offset < _U32_MAX:  # the common case, no zip64 block
-            pad = (-start) % self.alignment
-            return _PADS[pad] if pad < len(_PADS) else b"FB" + _H.pack(pad) + b"Z" * pad
-        zip64 = b""
-        if size >= _U32_MAX or self.offset >= _U32_MAX:
-            start += 4
-            body = b""
-            if size >= _U32_MAX:
-                start += 16
-                body += struct.pack("<QQ", size, 0)
-            if self.offset >= _U32_MAX:
-                start += 8
-                body += struct.pack("<Q", self.offset)
-            zip64 = struct.pack("<HH", 1, len(body)) + body
-        pad = (-start) % self.alignment
-        return zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
+            return _pad_field((-start) % self.alignment)
+        start += 4
+        body = b""
+        if size >= _U32_MAX:
+            start += 16
+            body += struct.pack("<QQ", size, 0)
+        if self.offset >= _U32_MAX:
+            start += 8
+            body += struct.pack("<Q", self.offset)
+        zip64 = struct.pack("<HH", 1, len(body)) + body
+        return zip64 + _pad_field((-start) % self.alignment)
 
     def begin(self, record: str, size: int) -> None:
         """Write the local header of ``record`` whose payload will have ``size`` bytes."""
         name = (self.prefix + record).encode("utf-8")
         extra = self._padding(name, size)
-        header = _LOCAL.pack(b"PK\x03\x04", 0, 0x0808 if size else 0x0800, 0, 0, 0, 0, 0, 0,
+        header = LOCAL_HEADER.pack(b"PK\x03\x04", 0, 0x0808 if size else 0x0800, 0, 0, 0, 0, 0, 0,
                              len(name), len(extra))
         self._entries.append(_Entry(name, self.offset, size, 0))
         self._names.append(record)
@@ -126,9 +131,9 @@ class ZipWriter:
         if entry.size:
             self._crcs.append(entry.crc)
             if entry.size >= _U32_MAX or entry.offset >= _U32_MAX:
-                desc = _DESC64.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size)
+                desc = DESCRIPTOR64.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size)
             else:
-                desc = _DESC.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size)
+                desc = DESCRIPTOR.pack(b"PK\x07\x08", entry.crc, entry.size, entry.size)
             self._emit(desc)
 
     def add(self, record: str, data: Any) -> None:
@@ -161,7 +166,7 @@ class ZipWriter:
                 offset32 = _U32_MAX
             extra = struct.pack("<HH", 1, len(zip64)) + zip64 if zip64 else b""
             flags = 0x0808 if entry.size else 0x0800
-            directory += _CENTRAL.pack(
+            directory += CENTRAL_HEADER.pack(
                 b"PK\x01\x02", 0, 0, flags, 0, 0, 0, entry.crc, size32, size32,
                 len(entry.name), len(extra), 0, 0, 0, 0, offset32,
             )
@@ -170,12 +175,11 @@ class ZipWriter:
         cd_size = len(directory)
         count = len(self._entries)
         z64_offset = self.offset
-        tail = struct.pack(
-            "<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 45, 0, 0, count, count, cd_size, cd_offset
+        tail = ZIP64_END_RECORD.pack(
+            b"PK\x06\x06", 44, 0x031E, 45, 0, 0, count, count, cd_size, cd_offset
         )
-        tail += struct.pack("<4sIQI", b"PK\x06\x07", 0, z64_offset, 1)
-        tail += struct.pack(
-            "<4sHHHHIIH",
+        tail += ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, z64_offset, 1)
+        tail += END_RECORD.pack(
             b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
             min(cd_size, _U32_MAX), min(cd_offset, _U32_MAX), 0,
         )
