@@ -27,6 +27,7 @@ __all__ = [
     "iter_tensors",
     "join_path",
     "map_tree",
+    "plain_attribute_name",
     "view_problem",
 ]
 
@@ -257,6 +258,12 @@ def view_problem(
                 f"{dtype.name}) reaches byte {(last + 1) * itemsize}, outside its storage "
                 f"of {nbytes} bytes")
     return None
+
+
+def plain_attribute_name(name: Any) -> bool:
+    """True for a name that can only set a plain attribute: an identifier without a
+    leading ``__`` (never ``__class__``, ``__dict__``, ``__setstate__``...)."""
+    return isinstance(name, str) and name.isidentifier() and not name.startswith("__")
 
 
 def join_path(path: tuple[Any, ...]) -> str:

@@ -25,7 +25,7 @@ from torchkeep import dtypes
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
 from torchkeep.formats.pickler import Describe, render_path
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.tree import Device, Size, StorageRef, TensorRef
+from torchkeep.tree import Device, Size, StorageRef, TensorRef, join_path, plain_attribute_name
 
 __all__ = ["TREE_VERSION", "TreeDecoder", "TreeEncoder", "contiguous_strides", "dump_tree"]
 
@@ -106,9 +106,7 @@ class TreeDecoder:
             changes.update(conj=bool(whole.get("conj")), neg=bool(whole.get("neg")))
         if "attrs" in whole:
             attrs = self.node(whole["attrs"], depth + 1)
-            if not isinstance(attrs, dict) or not all(
-                    isinstance(k, str) and k.isidentifier() and not k.startswith("__")
-                    for k in attrs):
+            if not isinstance(attrs, dict) or not all(map(plain_attribute_name, attrs)):
                 raise self.fail("tensor attributes must be plain attribute names")
             changes["attrs"] = attrs
         if changes:
@@ -210,7 +208,7 @@ class TreeEncoder:
         return UnsupportedTypeError(f"{render_path(self.path)}: {message}")
 
     def unique_name(self) -> str:
-        base = "/".join(str(p) for p in self.path) or "tensor"
+        base = join_path(self.path) or "tensor"
         if base == "__metadata__":
             base = "__metadata__/0"
         name, n = base, 1

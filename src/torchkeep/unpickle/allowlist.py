@@ -33,6 +33,7 @@ from torchkeep.tree import (
     StorageView,
     Symbol,
     TensorRef,
+    plain_attribute_name,
     view_problem,
 )
 
@@ -215,19 +216,6 @@ def _bool(m: Machine, value: Any, what: str) -> bool:
     return value
 
 
-def _check_view(
-    m: Machine,
-    nbytes: int,
-    dtype: DType,
-    offset: int,
-    shape: tuple[int, ...],
-    stride: tuple[int, ...],
-) -> None:
-    problem = view_problem(nbytes, dtype, offset, shape, stride, m.limits)
-    if problem is not None:
-        raise m.fail(f"tensor {problem}")
-
-
 def _tensor_metadata(m: Machine, metadata: Any) -> tuple[bool, bool]:
     if metadata is None:
         return False, False
@@ -263,7 +251,9 @@ def _make_tensor(
     offset = _int(m, offset, "storage offset")
     shape = _ints(m, size, "size")
     strides = _ints(m, stride, "stride")
-    _check_view(m, view.storage.nbytes, dtype, offset, shape, strides)
+    problem = view_problem(view.storage.nbytes, dtype, offset, shape, strides, m.limits)
+    if problem is not None:
+        raise m.fail(f"tensor {problem}")
     conj, neg = _tensor_metadata(m, metadata)
     return TensorRef(
         storage=view.storage,
@@ -355,11 +345,6 @@ def _rebuild_from_type_v2(m: Machine, args: tuple[Any, ...]) -> Any:
     if attrs:
         tensor = tensor.with_(attrs={**(tensor.attrs or {}), **attrs})
     return tensor
-
-
-def _rebuild_from_type(m: Machine, args: tuple[Any, ...]) -> Any:
-    func, new_type, func_args, state = args
-    return _rebuild_from_type_v2(m, (func, new_type, func_args, state))
 
 
 def _parameter_new(m: Machine, args: tuple[Any, ...]) -> TensorRef:
@@ -745,7 +730,7 @@ def _attribute_state(m: Machine, state: Any, what: str) -> dict[str, Any]:
     """Object state whose keys can only ever be plain attribute names."""
     attrs = _object_state(m, state) or {}
     for name in attrs:
-        if not name.isidentifier() or name.startswith("__"):
+        if not plain_attribute_name(name):
             raise m.fail(f"{what} attribute {name!r} is not a plain attribute name")
     return attrs
 
@@ -821,7 +806,7 @@ def _default_table() -> dict[str, Any]:
     }.items():
         add(f"torch._utils.{name}", fn)
     add("torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2)
-    add("torch._tensor._rebuild_from_type", _rebuild_from_type)
+    add("torch._tensor._rebuild_from_type", _rebuild_from_type_v2)  # same arguments
     for spelling in ("torch.Tensor", "torch._tensor.Tensor"):
         table[spelling] = _marker(spelling)
     add("torch.nn.parameter.Parameter", _parameter_new, _parameter_new)
