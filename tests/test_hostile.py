@@ -373,6 +373,24 @@ def _tensor_with_state(state: Any) -> bytes:
     return H.torch_zip(p.finish(), {"0": FLOATS4})
 
 
+@pytest.mark.parametrize("attr", ["__class__", "__dict__", "not-an-identifier", "1x"])
+def test_safetensors_tree_refuses_tensor_attributes_that_are_not_plain(attr: str) -> None:
+    t = torch.arange(3.0)
+    t.note = "hi"
+    buf = io.BytesIO()
+    torchkeep.save({"w": t}, buf, format="safetensors")
+    data = buf.getvalue()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"]["torchkeep"] = header["__metadata__"]["torchkeep"].replace(
+        '"note"', json.dumps(attr))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    forged = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="plain attribute names"):
+        torchkeep.load(forged)
+
+
 def test_tensor_python_attributes_load() -> None:
     result = torchkeep.load(_tensor_with_state({"note": "hi"}))
     assert result.note == "hi"
