@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +20,12 @@ from torchkeep.tree import (
     StorageView,
     Symbol,
     TensorRef,
-    deep_recursion,
     join_path,
+    walk_tree,
 )
 from torchkeep.unpickle import AllowSpec
 
 __all__ = ["Inspection", "SharedRef", "TensorEntry", "ValueEntry", "inspect", "leaves"]
-
-_CONTAINERS = (dict, list, tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,33 +123,13 @@ class SharedRef:
         return hash(join_path(self.path))
 
 
-def leaves(tree: Any, *, limits: Limits = DEFAULT_LIMITS) -> Iterator[tuple[tuple[Any, ...], Any]]:
+def leaves(tree: Any, *, limits: Limits = DEFAULT_LIMITS) -> list[tuple[tuple[Any, ...], Any]]:
     """``(path, leaf)`` for every non-container value of ``tree`` (tensors included), in
     tree order; empty containers are leaves too. A container reached again (a shared
     sub-tree, or a cycle) is not walked twice: it appears as a SharedRef to its first path.
     Nesting deeper than ``limits.max_depth`` raises LimitExceededError.
     """
-    found: list[tuple[tuple[Any, ...], Any]] = []
-    first_path: dict[int, tuple[Any, ...]] = {}
-
-    def walk(obj: Any, path: tuple[Any, ...]) -> None:
-        if isinstance(obj, _CONTAINERS) and not isinstance(obj, Size) and obj:
-            if len(path) >= limits.max_depth:
-                limits.check("max_depth", len(path) + 1, "nesting depth")
-            known = first_path.get(id(obj))
-            if known is not None:
-                found.append((path, SharedRef(known)))
-                return
-            first_path[id(obj)] = path
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            for key, value in items:
-                walk(value, (*path, key))
-            return
-        found.append((path, obj))
-
-    with deep_recursion(limits):
-        walk(tree, ())
-    yield from found
+    return walk_tree(tree, limits=limits, repeat=lambda path, first, cycle: SharedRef(first))
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "map_tree",
     "plain_attribute_name",
     "view_problem",
+    "walk_tree",
 ]
 
 
@@ -289,42 +290,68 @@ def deep_recursion(limits: Limits = DEFAULT_LIMITS) -> Iterator[None]:
             sys.setrecursionlimit(previous)
 
 
+def walk_tree(
+    tree: Any,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    repeat: Callable[[tuple[Any, ...], tuple[Any, ...], bool], Any] | None = None,
+    only: type | tuple[type, ...] = object,
+) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(path, value)`` for every value of ``tree`` that is not a non-empty dict, list or
+    tuple (a Size is a value, an empty container too), in tree order; with ``only``,
+    just the values of those types.
+
+    A container reached again (a shared sub-tree, or a cycle) is walked only the first
+    time, so a pickle that shares one list at every level cannot make the walk
+    exponential; ``repeat(path, first_path, is_cycle)`` returns what to list at ``path``
+    in its place (None: nothing) or raises. Nesting deeper than ``limits.max_depth``
+    raises LimitExceededError.
+    """
+    found: list[tuple[tuple[Any, ...], Any]] = []
+    first_path: dict[int, tuple[Any, ...]] = {}
+    active: set[int] = set()
+
+    def walk(obj: Any, path: tuple[Any, ...]) -> None:
+        if not isinstance(obj, (dict, list, tuple)) or not obj or isinstance(obj, Size):
+            if isinstance(obj, only):
+                found.append((path, obj))
+            return
+        if len(path) >= limits.max_depth:
+            limits.check("max_depth", len(path) + 1, "nesting depth")
+        oid = id(obj)
+        known = first_path.get(oid)
+        if known is not None:
+            stand_in = None if repeat is None else repeat(path, known, oid in active)
+            if stand_in is not None:
+                found.append((path, stand_in))
+            return
+        first_path[oid] = path
+        active.add(oid)
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            walk(value, (*path, key))
+        active.discard(oid)
+
+    with deep_recursion(limits):
+        walk(tree, ())
+    return found
+
+
+def _refuse_cycles(path: tuple[Any, ...], first: tuple[Any, ...], is_cycle: bool) -> None:
+    if is_cycle:
+        raise CorruptCheckpointError(f"the object tree has a cycle at {join_path(path)!r}")
+
+
 def iter_tensors(
     tree: Any, *, limits: Limits = DEFAULT_LIMITS
 ) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """Yield ``(path, leaf)`` for every TensorRef / SparseRef in ``tree``, in tree order.
 
-    A leaf reached twice (tied weights) is yielded at each path. A container reached
-    twice (a shared sub-tree) is walked only the first time, so a pickle that shares one
-    list at every level cannot make the walk exponential. Cycles and nesting deeper than
-    ``limits.max_depth`` raise FormatError.
+    A leaf reached twice (tied weights) is yielded at each path; a shared sub-tree is
+    walked once (see walk_tree). Cycles raise CorruptCheckpointError and nesting deeper
+    than ``limits.max_depth`` LimitExceededError, before anything is yielded.
     """
-    found: list[tuple[tuple[Any, ...], Any]] = []
-    seen: set[int] = set()
-    active: set[int] = set()
-
-    def walk(obj: Any, path: tuple[Any, ...]) -> None:
-        if isinstance(obj, (TensorRef, SparseRef)):
-            found.append((path, obj))
-            return
-        if isinstance(obj, (dict, list, tuple)) and obj:
-            if len(path) >= limits.max_depth:
-                limits.check("max_depth", len(path) + 1, "nesting depth")
-            oid = id(obj)
-            if oid in active:
-                raise CorruptCheckpointError(f"the object tree has a cycle at {join_path(path)!r}")
-            if oid in seen:
-                return
-            seen.add(oid)
-            active.add(oid)
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            for key, value in items:
-                walk(value, (*path, key))
-            active.discard(oid)
-
-    with deep_recursion(limits):
-        walk(tree, ())
-    yield from found
+    yield from walk_tree(tree, limits=limits, repeat=_refuse_cycles, only=(TensorRef, SparseRef))
 
 
 def map_tree(tree: Any, leaf: Callable[[Any], Any], *, limits: Limits = DEFAULT_LIMITS) -> Any:
