@@ -6,7 +6,6 @@ then for each key an int64 little-endian element count and the storage's bytes.
 
 from __future__ import annotations
 
-import mmap
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -33,16 +32,19 @@ def is_legacy(head: bytes) -> bool:
     return head.startswith(_MAGIC_PICKLE)
 
 
-def stream_bytes(source: Source) -> Any:
-    """The whole input as an indexable, searchable object (a read-only map for files)."""
+def _mapped_bytes(source: Source) -> Any | None:
+    """The whole input as an indexable, searchable object without reading it through (the
+    bytes of an in-memory input, a read-only map of a local file); None for streams."""
     memory = source.memory()
     if memory is not None:
         return bytes(memory)
-    if source.path is not None and source.size:
-        fd = source._fd
-        if fd is not None:
-            return mmap.mmap(fd, source.size, access=mmap.ACCESS_READ)
-    return source.read(0, source.size)
+    return source.read_only_map()
+
+
+def stream_bytes(source: Source) -> Any:
+    """The whole input as an indexable, searchable object (a read-only map for files)."""
+    whole = _mapped_bytes(source)
+    return whole if whole is not None else source.read(0, source.size)
 
 
 _FIRST_PREFIX = 64 << 10  # read-ahead past the pickles is at most this much
@@ -56,14 +58,17 @@ def read_torch_legacy(
     The pickles come first and the storages after them; a stream that cannot be mapped is
     read in growing prefixes until the pickles fit, so its tensor bytes are never read.
     """
-    if source.memory() is not None or (source.path is not None and source.size):
-        return _read_legacy(stream_bytes(source), source, allowlist, limits)
+    whole = _mapped_bytes(source)
+    if whole is not None:
+        return _read_legacy(whole, source, allowlist, limits)
     size = min(source.size, _FIRST_PREFIX)
     while True:
         try:
             return _read_legacy(source.read(0, size), source, allowlist, limits)
-        except CorruptCheckpointError as e:
-            if "truncated" not in e.reason or size >= source.size:
+        except CorruptCheckpointError:
+            # a prefix fails where the whole input does, or where the prefix ends; only
+            # the whole input's error is the input's own
+            if size >= source.size:
                 raise
             size = min(source.size, size * 4)
 

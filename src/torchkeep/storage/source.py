@@ -119,6 +119,15 @@ class Source:
         """The whole input as a read-only buffer when it is already in memory."""
         return self._buffer
 
+    def read_only_map(self) -> mmap.mmap | None:
+        """A read-only map of the whole input when it is a non-empty local file, else None.
+
+        Unlike ``mapping`` it supports ``find``, which the pickle readers use.
+        """
+        if self._fd is None or self.size == 0 or self._base:
+            return None
+        return mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)
+
     def mapping(self) -> memoryview:
         """A private (copy-on-write) memory map of the whole input.
 
