@@ -9,6 +9,7 @@ a libstdc++ ``std::unordered_set<std::string>``, whose order this module simulat
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable
 
@@ -44,17 +45,10 @@ def _shift_mix(v: int) -> int:
     return v ^ (v >> 47)
 
 
-_HASHES: dict[bytes, int] = {}
-
-
+@functools.lru_cache(maxsize=1 << 20)
 def cached_string_hash(data: bytes) -> int:
     """``string_hash`` remembered per name (record names repeat from save to save)."""
-    found = _HASHES.get(data)
-    if found is None:
-        if len(_HASHES) > 1 << 20:
-            _HASHES.clear()
-        found = _HASHES[data] = string_hash(data)
-    return found
+    return string_hash(data)
 
 
 def string_hash(data: bytes) -> int:
