@@ -722,6 +722,29 @@ def test_zip_whose_comment_holds_a_pickle(fake_eocd: bool, marker: Path) -> None
     assert not marker.exists()
 
 
+def _zip_hiding(gadget: bytes, where: str) -> bytes:
+    entries = H.simple_entries()
+    if where == "comment":
+        return H.zip_bytes(entries, comment=gadget)
+    if where == "inside the directory":
+        return H.zip_bytes(entries, extra_central=gadget)
+    index = 0 if where == "between records" else len(entries) - 1  # else: before the directory
+    e = entries[index]
+    entries[index] = H.ZipEntry(e.name, e.data, payload=e.data + b"\0" * 20 + gadget,
+                                csize=len(e.data))
+    return H.zip_bytes(entries)
+
+
+@pytest.mark.parametrize("where", ["between records", "before the directory", "comment",
+                                   "inside the directory"])
+def test_scan_finds_pickles_hidden_outside_the_zip_records(where: str, marker: Path) -> None:
+    data = _zip_hiding(H.GADGETS[0].make(marker), where)
+    report = torchkeep.scan(data)
+    assert not report.clean
+    assert any(f.name == "os.system" and f.verdict == "unsafe" for f in report.findings)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("record", [b"", FLOATS4[:12], FLOATS4 + b"\0" * 4, FLOATS4 * 100])
 def test_storage_record_size_must_match_numel(record: bytes, tmp_path: Path) -> None:
     refused(H.torch_zip(H.tensor_pickle(), {"0": record}), torchkeep.CorruptCheckpointError,
