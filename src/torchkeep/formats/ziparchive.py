@@ -57,6 +57,9 @@ class ZipArchive:
         self.limits = limits
         self.members: dict[str, ZipMember] = {}
         self.order: list[str] = []
+        #: byte ranges of the central directory and of the end records (with the comment)
+        self.directory_span = (0, 0)
+        self.end_span = (0, 0)
         self._parse()
 
     def _fail(self, message: str) -> CorruptCheckpointError:
@@ -122,6 +125,8 @@ class ZipArchive:
             raise self._fail(f"{n_total} records cannot fit a {cd_size}-byte central directory")
         directory = self.source.read(cd_offset, cd_size)
         self._parse_directory(directory, n_total, cd_offset)
+        self.directory_span = (cd_offset, cd_offset + cd_size)
+        self.end_span = (dir_end, eocd_pos + END_RECORD.size)
 
     def _parse_directory(self, directory: bytes, count: int, cd_offset: int) -> None:
         pos = 0

@@ -306,26 +306,22 @@ def _scan_zip(source: Source, report: ScanReport, limits: Limits) -> None:
             continue
         if name.endswith(".pkl") or data[:1] == b"\x80":
             _pickles_in(data, name, report, sequence=False)
+    covered += [archive.directory_span, archive.end_span]
     _scan_gaps(source, sorted(covered), report, limits)
 
 
 def _scan_gaps(source: Source, covered: list[tuple[int, int]], report: ScanReport,
                limits: Limits) -> None:
-    """Bytes no record accounts for (before, between records, the comment) may hide pickles."""
+    """Bytes no record or directory structure accounts for (before and between records,
+    the comment) may hide pickles."""
     gaps = []
     cursor = 0
     for begin, end in covered:
         if begin > cursor:
             gaps.append((cursor, begin))
         cursor = max(cursor, end)
-    tail_start = cursor
-    tail = source.read(tail_start, source.size - tail_start) if source.size > tail_start else b""
-    directory = tail.find(b"PK\x01\x02")
-    if directory > 0:
-        gaps.append((tail_start, tail_start + directory))
-    end_record = tail.rfind(b"PK\x05\x06")
-    if end_record >= 0 and end_record + 22 < len(tail):
-        gaps.append((tail_start + end_record + 22, source.size))
+    if source.size > cursor:
+        gaps.append((cursor, source.size))
     for begin, end in gaps:
         if end - begin > 16 and end - begin <= limits.max_pickle_bytes:
             chunk = source.read(begin, end - begin)
