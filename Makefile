@@ -23,8 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
-	$(PY) -m ruff check src tests $(wildcard bench)
-	$(PY) -m mypy
+	$(MAKE) --no-print-directory lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests $(wildcard bench)

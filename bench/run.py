@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pagecache import read_through, settle
+
 HERE = Path(__file__).resolve().parent
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
@@ -55,28 +57,7 @@ def prepare(workdir: Path, state: str) -> None:
     subprocess.run([sys.executable, "-c", code, str(HERE), state, str(folder)], check=True,
                    env=ENV)
     for name in ("t.pt", "k.pt", "s.safetensors"):
-        with open(folder / name, "rb") as f:
-            while f.read(64 << 20):
-                pass
-
-
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-
-
-def settle(warm: Path | None) -> None:
-    """The same page-cache state before every operation: dirty data written back, clean
-    cache dropped when allowed (root), and the operation's input file read back in.
-
-    Without dropping, a write's speed on this kind of VM swung 0.5-2.8 s per GiB with how
-    much old cache the kernel had to reclaim first.
-    """
-    os.sync()
-    if os.access(DROP_CACHES, os.W_OK):
-        DROP_CACHES.write_text("1")
-    if warm is not None:
-        with open(warm, "rb") as f:
-            while f.read(64 << 20):
-                pass
+        read_through(folder / name)
 
 
 def run_op(workdir: Path, state: str, op: str) -> dict[str, Any]:

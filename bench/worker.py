@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 import torchkeep  # noqa: E402
+from pagecache import settle  # noqa: E402
 from states import make_state  # noqa: E402
 
 
@@ -41,12 +42,13 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def tensors_of(tree: Any) -> list[torch.Tensor]:
+def tensors_of(tree: Any, kind: type = torch.Tensor) -> list[Any]:
+    """Every ``kind`` leaf of ``tree`` (dicts, lists and tuples are walked)."""
     found = []
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, torch.Tensor):
+        if isinstance(node, kind):
             found.append(node)
         elif isinstance(node, dict):
             stack.extend(node.values())
@@ -161,11 +163,8 @@ def main() -> None:
         manager.wait()
         import shutil
 
-        shutil.rmtree(manager.step_path(0))  # then the same page-cache state as others
-        os.sync()
-        if os.access("/proc/sys/vm/drop_caches", os.W_OK):
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1")
+        shutil.rmtree(manager.step_path(0))
+        settle(None)  # then the same page-cache state as the other operations
         timings = {}
 
         def run() -> None:
@@ -189,14 +188,8 @@ def main() -> None:
         import numpy as np
 
         def run_numpy() -> None:
-            tree = torchkeep.load(path, backend="numpy")
-            stack = [tree]
-            while stack:
-                node = stack.pop()
-                if isinstance(node, np.ndarray):
-                    node.view(np.uint8).sum()
-                elif isinstance(node, dict):
-                    stack.extend(node.values())
+            for array in tensors_of(torchkeep.load(path, backend="numpy"), np.ndarray):
+                array.view(np.uint8).sum()
 
         fn = run_numpy
     elif op == "safetensors_load":
