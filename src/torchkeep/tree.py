@@ -6,7 +6,7 @@ import collections
 import contextlib
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -267,7 +267,7 @@ def plain_attribute_name(name: Any) -> bool:
     return isinstance(name, str) and name.isidentifier() and not name.startswith("__")
 
 
-def join_path(path: tuple[Any, ...]) -> str:
+def join_path(path: Sequence[Any]) -> str:
     """The ``/``-joined display name of a tree path."""
     return "/".join(str(p) for p in path)
 
