@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,11 +39,33 @@ def seed_checkpoint() -> dict[str, Any]:
     }
 
 
+def quiet_env() -> dict[str, str]:
+    """The current environment, with Python warnings off (for subprocesses)."""
+    return dict(os.environ, PYTHONWARNINGS="ignore")
+
+
 def run_without_torch(code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter where ``import torch`` fails."""
     prelude = "import sys\nsys.modules['torch'] = None\n"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True, text=True, env=quiet_env(), timeout=120, check=False,
     )
+
+
+def flip_byte(path: str | os.PathLike[str], at: int | None = None, mask: int = 0xFF) -> None:
+    """XOR the byte at ``at`` (default: the middle one) of the file ``path`` with ``mask``."""
+    raw = bytearray(Path(path).read_bytes())
+    raw[len(raw) // 2 if at is None else at] ^= mask
+    Path(path).write_bytes(bytes(raw))
+
+
+def tmp_debris(folder: str | os.PathLike[str]) -> list[str]:
+    """Names in ``folder`` holding ``TMP_MARKER`` (a save's temporaries left behind).
+
+    The marker is matched without its ``.``/``-`` delimiters: a superset of both checks
+    this replaced (``TMP_MARKER in n``; ``n.startswith(".") and "torchkeep-tmp" in n``).
+    """
+    from torchkeep.storage.atomic import TMP_MARKER
+
+    return [n for n in os.listdir(folder) if TMP_MARKER.strip(".-") in n]

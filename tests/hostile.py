@@ -65,9 +65,6 @@ class Pickle:
     def tuple2(self) -> Pickle:
         return self.op(b"\x86")
 
-    def tuple3(self) -> Pickle:
-        return self.op(b"\x87")
-
     def empty_tuple(self) -> Pickle:
         return self.op(b")")
 
@@ -77,14 +74,8 @@ class Pickle:
     def empty_dict(self) -> Pickle:
         return self.op(b"}")
 
-    def empty_set(self) -> Pickle:
-        return self.op(b"\x8f")
-
     def list(self) -> Pickle:
         return self.op(b"l")
-
-    def dict(self) -> Pickle:
-        return self.op(b"d")
 
     def append(self) -> Pickle:
         return self.op(b"a")
@@ -103,9 +94,6 @@ class Pickle:
 
     def pop(self) -> Pickle:
         return self.op(b"0")
-
-    def dup(self) -> Pickle:
-        return self.op(b"2")
 
     # calls and objects
     def reduce(self) -> Pickle:
@@ -769,6 +757,15 @@ def torch_save_bytes(obj: Any, **kw: Any) -> bytes:
     return buf.getvalue()
 
 
+def tk_save_bytes(obj: Any, **kw: Any) -> bytes:
+    """``torchkeep.save(obj)`` into memory."""
+    import torchkeep
+
+    buf = io.BytesIO()
+    torchkeep.save(obj, buf, **kw)
+    return buf.getvalue()
+
+
 def small_state() -> dict[str, Any]:
     """A tiny checkpoint: two tensors and a scalar."""
     import torch
@@ -1060,30 +1057,11 @@ class Files:
 
 def small_files() -> Files:
     """torch.save / torchkeep.save outputs of ``small_state`` in each format."""
-    import torchkeep
-
     state = small_state()
-    buf = io.BytesIO()
-    torchkeep.save(state, buf, format="safetensors")
-    st = buf.getvalue()
-    buf = io.BytesIO()
-    torchkeep.save(state, buf)
     return Files(
+        safetensors=tk_save_bytes(state, format="safetensors"),
+        torchkeep_zip=tk_save_bytes(state),
         torch_zip=torch_save_bytes(state),
-        torchkeep_zip=buf.getvalue(),
         legacy=torch_save_bytes(state, _use_new_zipfile_serialization=False),
-        safetensors=st,
     )
 
-
-__all__ = [
-    "FLOATS4", "GADGETS", "MAGIC_NUMBER", "STRUCTURAL", "SYS_INFO", "Evil", "Files", "Gadget",
-    "Mutation", "Pickle", "Raw", "ZipEntry", "ZipLayout", "deflate", "forged_safetensors",
-    "TOKENS", "deflated_zeros", "frag", "in_legacy", "in_torch_zip", "overlapping_zip",
-    "simple_entries", "torch_entries", "legacy_stream", "memo_bomb", "mutate", "nested_dicts",
-    "nested_lists", "nested_marks", "nested_tuples", "ordered_dict", "python_touch",
-    "read_zip", "replace_records", "safetensors_bytes", "shell_touch",
-    "small_files", "small_state", "split_pickles", "st_entry", "storage_pid", "tensor_memo_bomb",
-    "tensor_pickle", "tensor_v2", "torch_save_bytes", "torch_zip", "torchkeep_tree",
-    "zip_bytes", "zip_layout",
-]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,6 @@ V3_DTYPES: tuple[torch.dtype, ...] = tuple(d for d in ALL_DTYPES if d not in LEG
 REAL_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 CONJ_DTYPES = (torch.complex64, torch.complex128)
 
-MAX_DIMS = 4
 MAX_SIZE = 5
 
 
@@ -196,21 +196,21 @@ def tree_specs(
     return DrawnTree(spec, base_dtypes, draw(st.integers(0, 2**32 - 1)))
 
 
+def iter_leaves(node: Any) -> Iterator[Any]:
+    """Every non-container in a tree of dicts, lists and tuples: depth first, in order."""
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from iter_leaves(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from iter_leaves(v)
+    else:
+        yield node
+
+
 def build_tree(drawn: DrawnTree) -> Any:
     """Turn a drawn spec into real tensors (one tensor object per LeafSpec object)."""
-    specs: list[LeafSpec] = []
-
-    def collect(node: Any) -> None:
-        if isinstance(node, LeafSpec):
-            specs.append(node)
-        elif isinstance(node, dict):
-            for v in node.values():
-                collect(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                collect(v)
-
-    collect(drawn.spec)
+    specs = [n for n in iter_leaves(drawn.spec) if isinstance(n, LeafSpec)]
     sizes = [0] * len(drawn.dtypes)
     extra = np.random.default_rng(drawn.seed).integers(0, 3, size=len(sizes))
     for s in specs:

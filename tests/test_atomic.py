@@ -10,12 +10,8 @@ import pytest
 import torch
 
 import torchkeep
+from conftest import tmp_debris
 from torchkeep.errors import StorageError, UnsupportedTypeError
-from torchkeep.storage import atomic
-
-
-def _debris(folder: os.PathLike[str]) -> list[str]:
-    return [n for n in os.listdir(folder) if atomic.TMP_MARKER in n]
 
 
 @pytest.fixture
@@ -65,7 +61,7 @@ def test_failure_keeps_the_old_file(existing, monkeypatch, where: str) -> None:
     monkeypatch.setattr(os, "fsync", real_fsync)
     monkeypatch.setattr(os, "replace", real_replace)
     assert existing.read_bytes() == before
-    assert _debris(existing.parent) == []
+    assert tmp_debris(existing.parent) == []
     if expected is StorageError:
         assert str(existing) in str(info.value)
         assert isinstance(info.value, OSError)
@@ -85,7 +81,7 @@ def test_unsupported_object_leaves_no_trace(existing) -> None:
     with pytest.raises(UnsupportedTypeError, match=r"obj\['model'\]\['head'\]: unsupported type"):
         torchkeep.save({"model": {"head": object()}}, existing)
     assert existing.read_bytes() == before
-    assert _debris(existing.parent) == []
+    assert tmp_debris(existing.parent) == []
 
 
 def test_new_file_appears_only_complete(tmp_path, monkeypatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import pytest
 import torch
 
 import torchkeep
+from conftest import flip_byte
+from hostile import Evil
 from torchkeep.cli.main import main
 
 
@@ -42,12 +43,7 @@ def files(tmp_path: Path, seed_checkpoint) -> dict[str, Path]:
     st = tmp_path / "seed.safetensors"
     torchkeep.save(seed_checkpoint, st)
     evil = tmp_path / "evil.pt"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("true",))
-
-    evil.write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
+    evil.write_bytes(pickle.dumps({"x": Evil(tmp_path / "PWNED")}, protocol=2))
     broken = tmp_path / "broken.pt"
     broken.write_bytes(pt.read_bytes()[:-100])
     return {"pt": pt, "st": st, "evil": evil, "broken": broken, "missing": tmp_path / "no.pt"}
@@ -204,10 +200,9 @@ def test_scan_sees_a_stack_global_built_from_memoized_strings(run, tmp_path) -> 
 def test_verify_intact_and_corrupt(run, files, tmp_path) -> None:
     assert run("verify", files["pt"]).code == 0
     assert run("verify", files["st"]).code == 0
-    raw = bytearray(files["pt"].read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # inside a tensor record
     bad = tmp_path / "flipped.pt"
-    bad.write_bytes(bytes(raw))
+    bad.write_bytes(files["pt"].read_bytes())
+    flip_byte(bad)  # inside a tensor record
     result = run("verify", bad)
     assert result.code == 1 and "CORRUPT" in result.out and "CRC-32" in result.out
     doc = run("verify", bad, "--json").json()
@@ -219,10 +214,7 @@ def test_verify_step_directory(run, tmp_path) -> None:
         mgr.save(1, {"w": torch.ones(1000)})
         step = Path(mgr.step_path(1))
     assert run("verify", step).code == 0
-    data = step / "data-00000.bin"
-    raw = bytearray(data.read_bytes())
-    raw[100] ^= 1
-    data.write_bytes(bytes(raw))
+    flip_byte(step / "data-00000.bin", at=100, mask=1)
     result = run("verify", step)
     assert result.code == 1 and "'w'" in result.out
 

@@ -1231,30 +1231,24 @@ MUTATIONS = st.lists(
 LOCATION = [Mutation("token", at=0, value=2)]
 
 
-def _fuzz_target(target: str) -> bytes:
-    if target == "data.pkl in a zip":
-        return files().torch_zip
-    return getattr(files(), target)
-
-
 def _fuzz_input(target: str, mutations: list[Mutation]) -> bytes:
     if target == "data.pkl in a zip":  # mutate the pickle, keep the zip (and CRC) valid
         pkl = {n.split("/", 1)[1]: d for n, d in H.read_zip(files().torch_zip)}
         return H.replace_records(files().torch_zip,
                                  {"data.pkl": H.mutate(pkl["data.pkl"], mutations)})
-    return H.mutate(_fuzz_target(target), mutations)
+    return H.mutate(getattr(files(), target), mutations)
 
 
 FUZZ_CASES = [
-    pytest.param(target, backend, id=f"{target}-{backend}", marks=marks)
-    for target, backend, marks in [
-        ("torch_zip", "torch", ()), ("torch_zip", "numpy", ()),
-        ("torchkeep_zip", "torch", ()),
-        ("legacy", "numpy", ()), ("legacy", "torch map_location=cpu", ()),
-        ("legacy", "torch", ()),
-        ("safetensors", "torch", ()), ("safetensors", "numpy", ()),
-        ("data.pkl in a zip", "numpy", ()), ("data.pkl in a zip", "torch map_location=cpu", ()),
-        ("data.pkl in a zip", "torch", ()),
+    pytest.param(target, backend, id=f"{target}-{backend}")
+    for target, backend in [
+        ("torch_zip", "torch"), ("torch_zip", "numpy"),
+        ("torchkeep_zip", "torch"),
+        ("legacy", "numpy"), ("legacy", "torch map_location=cpu"),
+        ("legacy", "torch"),
+        ("safetensors", "torch"), ("safetensors", "numpy"),
+        ("data.pkl in a zip", "numpy"), ("data.pkl in a zip", "torch map_location=cpu"),
+        ("data.pkl in a zip", "torch"),
     ]
 ]
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import torchkeep
+from conftest import flip_byte, tmp_debris
 from torchkeep.demo.model import SeedNet, make_optimizer
 from torchkeep.errors import AsyncSaveError, IntegrityError, StorageError
 from torchkeep.manager.layout import step_name
@@ -206,8 +207,7 @@ def test_a_fault_at_every_commit_step_never_loses_the_last_step(tmp_path) -> Non
         reopened.close()
         break
     assert failures >= 6  # makedirs, data, manifest, marker, fsync tmp, rename all failed once
-    names = os.listdir(tmp_path)
-    assert not [n for n in names if n.startswith(".") and "torchkeep-tmp" in n]
+    assert tmp_debris(tmp_path) == []
 
 
 def test_enospc_while_writing_data(tmp_path, monkeypatch) -> None:
@@ -242,20 +242,11 @@ def test_leftovers_are_cleaned_and_reported(tmp_path) -> None:
     assert mgr.all_steps() == [0]
 
 
-def _corrupt(path: str) -> None:
-    data = os.path.join(path, "data-00000.bin")
-    with open(data, "r+b") as f:
-        raw = bytearray(f.read())
-        raw[len(raw) // 2] ^= 0xFF
-        f.seek(0)
-        f.write(bytes(raw))
-
-
 def test_corruption_is_detected_and_fallback_steps_back(tmp_path) -> None:
     with torchkeep.CheckpointManager(tmp_path) as mgr:
         mgr.save(0, {"w": torch.zeros(1000)})
         mgr.save(1, {"w": torch.ones(1000)})
-        _corrupt(mgr.step_path(1))
+        flip_byte(os.path.join(mgr.step_path(1), "data-00000.bin"))
         with pytest.raises(IntegrityError, match=r"tensor 'w' of step 1"):
             mgr.restore({"w": None})
         state = {"w": None}

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import torchkeep
+from conftest import quiet_env
 from torchkeep.demo.train import TrainConfig, train
 
-ENV = dict(os.environ, PYTHONWARNINGS="ignore")
+ENV = quiet_env()
 
 WRITER = textwrap.dedent("""
     import sys, torch, torchkeep

@@ -44,11 +44,13 @@ from safetensors.torch import load_file, save_file, save_model
 
 import torchkeep
 from conftest import run_without_torch
+from hostile import tk_save_bytes, torch_save_bytes
 from strategies import (
     ALL_DTYPES,
     LEGACY_DTYPES,
     V3_DTYPES,
     build_tree,
+    iter_leaves,
     random_storage,
     tree_specs,
 )
@@ -218,18 +220,6 @@ def assert_same_tree(
 
 def torch_load_bytes(data: bytes, **kwargs: Any) -> Any:
     return torch.load(io.BytesIO(data), weights_only=kwargs.pop("weights_only", True), **kwargs)
-
-
-def tk_save_bytes(obj: Any, **kwargs: Any) -> bytes:
-    buf = io.BytesIO()
-    torchkeep.save(obj, buf, **kwargs)
-    return buf.getvalue()
-
-
-def torch_save_bytes(obj: Any, **kwargs: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf, **kwargs)
-    return buf.getvalue()
 
 
 def sample(dtype: torch.dtype, numel: int = 12, seed: int = 0) -> torch.Tensor:
@@ -687,22 +677,12 @@ def storage_units(tree: dict[str, Any]) -> dict[str, int]:
     (first storage met in pickling order; for our trees: dict order of the tensors)."""
     units: dict[str, int] = {}
     seen: dict[int, str] = {}
-
-    def visit(node: Any) -> None:
-        if isinstance(node, torch.Tensor):
-            ptr = node.untyped_storage()._cdata
-            if ptr not in seen:
-                seen[ptr] = str(len(seen))
-                unit = node.element_size() // (2 if node.dtype.is_complex else 1)
-                units[seen[ptr]] = unit
-        elif isinstance(node, dict):
-            for v in node.values():
-                visit(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                visit(v)
-
-    visit(tree)
+    for node in tensors_of(tree):
+        ptr = node.untyped_storage()._cdata
+        if ptr not in seen:
+            seen[ptr] = str(len(seen))
+            unit = node.element_size() // (2 if node.dtype.is_complex else 1)
+            units[seen[ptr]] = unit
     return units
 
 
@@ -1036,13 +1016,7 @@ def test_map_location_meta(map_location: Any, tmp_path: Path) -> None:
 
 
 def tensors_of(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in tensors_of(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in tensors_of(v)]
-    return []
+    return [t for t in iter_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def test_map_location_refused_with_numpy_backend(tmp_path: Path) -> None:
