@@ -195,3 +195,113 @@ def test_limits_are_named_and_raisable() -> None:
     with pytest.raises(LimitExceededError, match="max_int_bytes"):
         decode(raw)
     assert unpickle(raw, allowlist=Allowlist(), limits=Limits(max_int_bytes=4096)).value == 2**20000
+
+
+# -- FRAME boundaries: an opcode may not cross its frame's end, frames may not nest --------
+
+_FRAMED_VALUE = [7, 300, 70000, 2**40, 1.5, "s", "long text", b"by", None, True,
+                 ("t", "u"), {"k": "v"}, collections.OrderedDict(a=1)]
+
+
+def _opcodes(raw: bytes) -> list[bytes]:
+    """The opcodes of a CPython pickle (without PROTO, FRAME and STOP), each with its
+    argument bytes."""
+    import itertools
+    import pickletools
+
+    spans = [*(pos for _, _, pos in pickletools.genops(raw)), len(raw)]
+    ops = [raw[a:b] for a, b in itertools.pairwise(spans)]
+    return [op for op in ops if op[:1] not in (b"\x80", b"\x95", b".")]
+
+
+def _framed(ops: list[bytes], frame_bytes: int) -> bytes:
+    """PROTO 4, a FRAME of ``frame_bytes`` over the opcodes, the rest unframed, STOP."""
+    body = b"".join(ops)
+    return (b"\x80\x04\x95" + frame_bytes.to_bytes(8, "little") + body + b".")
+
+
+_OPS = [
+    *_opcodes(pickle.dumps(_FRAMED_VALUE, protocol=4)),
+    b"\x8a\x02\x00\x01", b"0",  # LONG1, popped
+    b"cbuiltins\nset\n", b"0",  # a GLOBAL's two text lines
+    b"Vtext\n", b"0", b"S'py2'\n", b"0",
+]
+#: opcode byte -> bytes of its length field, for opcodes whose payload is a second read
+_COUNTED = {0x58: 4, 0x42: 4, 0x43: 1, 0x8C: 1, 0x8D: 8, 0x8E: 8, 0x55: 1, 0x54: 4, 0x8A: 1}
+
+
+def _splits() -> list[tuple[int, bool]]:
+    """(frame end, whether it falls between two of the opcode's reads) for every frame
+    end inside an opcode; an opcode is read as its byte, then a length field, a payload
+    or text lines."""
+    cases, offset = [], 0
+    for op in _OPS:
+        between = {1}
+        if op[0] in _COUNTED:
+            between.add(1 + _COUNTED[op[0]])
+        between |= {i + 1 for i, byte in enumerate(op) if byte == 0x0A}
+        cases += [(offset + k, k in between) for k in range(1, len(op))]
+        offset += len(op)
+    return cases
+
+
+@pytest.mark.parametrize("frame_bytes", [end for end, _ in _splits()])
+def test_an_opcode_crossing_its_frames_end_is_refused(frame_bytes: int) -> None:
+    with pytest.raises(CorruptCheckpointError, match="crosses the end of its FRAME"):
+        decode(_framed(_OPS, frame_bytes))
+
+
+def test_pickle_py_refuses_every_split_inside_one_read() -> None:
+    # pickle.py's _Unframer refuses a read that crosses the frame's end, and lets through
+    # a frame that ends between two reads of one opcode (the rest is read unframed).
+    # torchkeep refuses those as well: the opcode as a whole crosses the frame, which no
+    # pickler writes (CPython's commits a frame before an opcode, never inside one).
+    for end, between_reads in _splits():
+        try:
+            pickle._loads(_framed(_OPS, end))  # type: ignore[attr-defined]
+            refused = False
+        except pickle.UnpicklingError:
+            refused = True
+        assert refused != between_reads, end
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_frames_ending_on_opcode_boundaries_load_as_pickle_loads(protocol: int) -> None:
+    expected = pickle._loads(_framed(_OPS, 0))  # type: ignore[attr-defined]
+    offset = 0
+    for op in _OPS:
+        offset += len(op)
+        raw = _framed(_OPS, offset)
+        assert decode(raw) == expected == pickle.loads(raw)
+    for value in ([b"x" * (1 << 20), "y" * 70_000, list(range(20_000))], _FRAMED_VALUE):
+        raw = pickle.dumps(value, protocol=protocol)  # CPython's framer: big args unframed
+        assert decode(raw) == value
+
+
+def test_a_frame_opened_inside_another_is_refused() -> None:
+    inner = b"\x95" + (2).to_bytes(8, "little") + b"NN"
+    raw = b"\x80\x04\x95" + (1 + len(inner) + 1).to_bytes(8, "little") + b"N" + inner + b"0.0."
+    with pytest.raises(CorruptCheckpointError, match="FRAME opened inside"):
+        decode(raw)
+    with pytest.raises(pickle.UnpicklingError, match="new frame before end of current"):
+        pickle._loads(raw)  # type: ignore[attr-defined]
+    # a FRAME that starts exactly where the previous one ends is fine
+    raw = b"\x80\x04\x95" + (1 + 9).to_bytes(8, "little") + b"N" + inner + b"0."
+    assert decode(raw) is None
+
+
+def test_a_frame_longer_than_the_stream_is_truncated() -> None:
+    raw = b"\x80\x04\x95" + (100).to_bytes(8, "little") + b"N."
+    with pytest.raises(CorruptCheckpointError, match="truncated: FRAME of 100 bytes"):
+        decode(raw)
+
+
+def test_the_frame_divergence_gadget_is_refused() -> None:
+    # pickle.load on a file reads past a 2-byte frame into a BINBYTES that hides
+    # GLOBAL os.system + REDUCE (CPython issue 154848); a reader that ignores frames sees
+    # only bytes. torchkeep refuses the stream before reading either way.
+    hidden = b"cos\nsystem\n(S'true'\ntR."
+    raw = (b"\x80\x05N0(\x95" + (2).to_bytes(8, "little") + b"B"
+           + len(hidden).to_bytes(4, "little") + hidden + b"1N.")
+    with pytest.raises(CorruptCheckpointError, match="crosses the end of its FRAME"):
+        decode(raw)

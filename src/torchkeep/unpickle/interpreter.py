@@ -51,6 +51,7 @@ class _Machine:
         "allowlist",
         "data",
         "end",
+        "frame_end",
         "last_put",
         "limits",
         "memo",
@@ -74,7 +75,8 @@ class _Machine:
     ) -> None:
         self.data = data
         self.pos = start
-        self.end = end
+        self.end = end  # where the current opcode must end: the stream's end or its FRAME's
+        self.frame_end = -1  # the end of the FRAME being read, -1 outside frames
         self.op_pos = start
         self.allowlist = allowlist
         self.persistent_load = persistent_load
@@ -95,17 +97,24 @@ class _Machine:
         self.op_pos = pos
         return self.fail(message)
 
+    def short(self, pos: int, what: str) -> CorruptCheckpointError:
+        """The error for an opcode whose argument runs past where it must end."""
+        if self.frame_end >= 0:
+            return self.fail_at(pos, f"the opcode crosses the end of its FRAME at offset "
+                                     f"{self.frame_end} ({what} in the frame)")
+        return self.fail_at(pos, f"truncated: {what}")
+
     def take(self, n: int) -> bytes:
         pos = self.pos
         if n < 0 or pos + n > self.end:
-            raise self.fail(f"truncated: needs {n} bytes, {self.end - pos} left")
+            raise self.short(self.op_pos, f"needs {n} bytes, {self.end - pos} left")
         self.pos = pos + n
         return self.data[pos : pos + n]
 
     def line(self) -> bytes:
         nl = self.data.find(b"\n", self.pos, self.end)
         if nl < 0:
-            raise self.fail("truncated: text argument without newline")
+            raise self.short(self.op_pos, "text argument without newline")
         text = self.data[self.pos : nl]
         self.pos = nl + 1
         return text
@@ -176,8 +185,8 @@ def _identity_hashed(obj: Any) -> bool:
 
 
 # -- opcode handlers ----------------------------------------------------------------------
-# MARK, TUPLE, TUPLE1/2, EMPTY_TUPLE, NEWFALSE, BININT1, BINUNICODE, (LONG_)BINPUT and
-# (LONG_)BINGET have no handler: unpickle() runs them inline, on local variables.
+# MARK, TUPLE, TUPLE1/2, EMPTY_TUPLE, NEWFALSE, BININT1, BINUNICODE, (LONG_)BINPUT,
+# (LONG_)BINGET and FRAME have no handler: unpickle() runs them inline, on local variables.
 
 Handler = Callable[[_Machine], Any]
 _HANDLERS: list[Handler | None] = [None] * 256
@@ -197,13 +206,6 @@ def _proto(m: _Machine) -> None:
     version = m.take(1)[0]
     if version > 5:
         raise m.fail(f"unsupported pickle protocol {version}")
-
-
-@_op(b"\x95")  # FRAME
-def _frame(m: _Machine) -> None:
-    (size,) = _unpack_Q(m.take(8))
-    if size > m.end - m.pos:
-        raise m.fail("truncated: FRAME longer than the rest of the stream")
 
 
 @_op(b".")  # STOP
@@ -685,23 +687,33 @@ def unpickle(
     # a handler call per opcode made the interpreter 2x slower on many-tensor files.
     memo = m.memo
     stack = m.stack
+    # ``end`` is where the current opcode must end: the stream's end, or inside a FRAME the
+    # frame's end. An opcode may not cross a frame's end and a frame may not open inside
+    # another (as in pickle.py's _Unframer): a stream whose frames split opcodes reads
+    # differently in CPython's C unpickler and is how scanners are fooled.
+    stream_end = end
     last = end - 1  # the last position a one-byte argument may sit at
     pos = start
     try:
         while True:
             if pos >= end:
-                raise m.fail_at(pos, "truncated: the stream ends without STOP")
+                if end == stream_end:
+                    raise m.fail_at(pos, "truncated: the stream ends without STOP")
+                end = m.end = stream_end  # the frame is used up
+                last = end - 1
+                m.frame_end = -1
+                continue
             op = data[pos]
             if op == 0x71:  # BINPUT
                 if pos >= last:
-                    raise m.fail_at(pos, "truncated")
+                    raise m.short(pos, "BINPUT needs 1 byte")
                 index = data[pos + 1]
                 memo[index] = stack[-1]
                 m.last_put = index
                 pos += 2
             elif op == 0x68:  # BINGET
                 if pos >= last:
-                    raise m.fail_at(pos, "truncated")
+                    raise m.short(pos, "BINGET needs 1 byte")
                 try:
                     stack.append(memo[data[pos + 1]])
                 except KeyError:
@@ -709,19 +721,19 @@ def unpickle(
                 pos += 2
             elif op == 0x4B:  # BININT1
                 if pos >= last:
-                    raise m.fail_at(pos, "truncated")
+                    raise m.short(pos, "BININT1 needs 1 byte")
                 stack.append(data[pos + 1])
                 pos += 2
             elif op == 0x72:  # LONG_BINPUT
                 if pos + 4 >= end:
-                    raise m.fail_at(pos, "truncated")
+                    raise m.short(pos, "LONG_BINPUT needs 4 bytes")
                 index = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 memo[index] = stack[-1]
                 m.last_put = index
                 pos += 5
             elif op == 0x6A:  # LONG_BINGET
                 if pos + 4 >= end:
-                    raise m.fail_at(pos, "truncated")
+                    raise m.short(pos, "LONG_BINGET needs 4 bytes")
                 index = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 try:
                     stack.append(memo[index])
@@ -730,11 +742,11 @@ def unpickle(
                 pos += 5
             elif op == 0x58:  # BINUNICODE
                 if pos + 4 >= end:
-                    raise m.fail_at(pos, "truncated")
+                    raise m.short(pos, "BINUNICODE needs 4 bytes")
                 size = int.from_bytes(data[pos + 1 : pos + 5], "little")
                 stop = pos + 5 + size
                 if stop > end:
-                    raise m.fail_at(pos, f"truncated: needs {size} bytes, {end - pos - 5} left")
+                    raise m.short(pos, f"BINUNICODE needs {size} bytes, {end - pos - 5} left")
                 try:
                     stack.append(str(data[pos + 5 : stop], "utf-8", "surrogatepass"))
                 except UnicodeDecodeError:
@@ -766,6 +778,19 @@ def unpickle(
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
                 pos += 1
+            elif op == 0x95:  # FRAME
+                if pos + 8 >= end:
+                    raise m.short(pos, "FRAME needs 8 bytes")
+                if m.frame_end >= 0 and pos + 9 != end:
+                    raise m.fail_at(pos, f"FRAME opened inside the FRAME that ends at offset "
+                                         f"{m.frame_end}")
+                size = int.from_bytes(data[pos + 1 : pos + 9], "little")
+                if size > stream_end - pos - 9:
+                    raise m.fail_at(pos, f"truncated: FRAME of {size} bytes, "
+                                         f"{stream_end - pos - 9} left")
+                pos += 9
+                end = m.end = m.frame_end = pos + size
+                last = end - 1
             else:
                 m.op_pos = pos
                 m.pos = pos + 1
