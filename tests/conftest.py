@@ -39,6 +39,12 @@ def seed_checkpoint() -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    """The file a hostile payload would create if it ever ran."""
+    return tmp_path / "PWNED"
+
+
 def quiet_env() -> dict[str, str]:
     """The current environment, with Python warnings off (for subprocesses)."""
     return dict(os.environ, PYTHONWARNINGS="ignore")

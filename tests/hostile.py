@@ -295,8 +295,6 @@ class Gadget:
     live: bool = True
     #: needs a copyreg extension (code) registered for global_name while it is loaded
     extension: int | None = None
-    #: the payload starts with PROTO >= 2, so it is also a plain pickle file
-    plain_ok: bool = True
 
 
 def _reduce_gadget(module: str, name: str, *args: Any) -> Callable[[Path], bytes]:
@@ -536,8 +534,8 @@ GADGETS: list[Gadget] = [
     Gadget("torch.load with pickle_module", _torch_load, "torch.load"),
     Gadget("torch.hub._load_local", _torch_hub_load_local, "torch.hub._load_local"),
     Gadget("torch.jit.load", _torch_jit_load, "torch.jit.load", live=False),
-    Gadget("pickle.dumps protocol 0", _pickled(0), "posix.system", plain_ok=False),
-    Gadget("pickle.dumps protocol 1", _pickled(1), "posix.system", plain_ok=False),
+    Gadget("pickle.dumps protocol 0", _pickled(0), "posix.system"),
+    Gadget("pickle.dumps protocol 1", _pickled(1), "posix.system"),
     Gadget("pickle.dumps protocol 2", _pickled(2), "posix.system"),
     Gadget("pickle.dumps protocol 3", _pickled(3), "posix.system"),
     Gadget("pickle.dumps protocol 4", _pickled(4), "posix.system"),

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
         RNGState,
         StateMismatchError,
     )
+    from torchkeep.scanning import scan
     from torchkeep.summary import inspect
-    from torchkeep.unpickle.scanner import scan
     from torchkeep.verification import verify
 
 __version__ = "0.1.0"
@@ -70,7 +70,7 @@ _LAZY = {
     "PartialLoadError": "torchkeep.loading",
     "load_into": "torchkeep.loading",
     "inspect": "torchkeep.summary",
-    "scan": "torchkeep.unpickle.scanner",
+    "scan": "torchkeep.scanning",
     "verify": "torchkeep.verification",
     "compare": "torchkeep.comparison",
     "convert": "torchkeep.conversion",

@@ -9,7 +9,7 @@
     │   │   └── IntegrityError               a checksum does not match the bytes
     │   ├── LimitExceededError               a named limit (limits.Limits) was exceeded
     │   └── UnsupportedFormatError           recognised, but not a format we read
-    │                                        (TorchScript archive, the old tar layout)
+    │                                        (TorchScript, the old tar layout; exit 2)
     ├── UnsafeCheckpointError(ValueError)    the file asks for a global outside the allowlist
     ├── CheckpointNotFoundError(FileNotFoundError)
     ├── UnsupportedTypeError(TypeError)      save() met an object it will not write
@@ -92,7 +92,14 @@ class LimitExceededError(FormatError):
 
 
 class UnsupportedFormatError(FormatError):
-    """A recognised format that torchkeep deliberately does not read."""
+    """A recognised format that torchkeep deliberately does not read (``format`` names it:
+    ``torchscript``, ``torch-tar``, ``numpy`` ...)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: object = None, format: str = "") -> None:
+        self.format = format
+        super().__init__(message, source=source)
 
 
 class UnsafeCheckpointError(TorchkeepError, ValueError):

@@ -23,7 +23,7 @@ class Limits:
     max_header_bytes: int = 100_000_000
     #: One pickle stream (data.pkl, or a pickle of the legacy format).
     max_pickle_bytes: int = 1 << 31
-    #: Records in a zip archive.
+    #: Records in a zip archive (members of a tar archive).
     max_zip_members: int = 1_000_000
     #: Bytes of one storage or tensor record.
     max_tensor_bytes: int = 1 << 46

@@ -202,10 +202,11 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
     """List every global the pickles in PATHS would import, without running anything.
 
     Exit 0 when every file is clean, 1 when something is unsafe or unknown, 3 when a file
-    could not be read or scanned completely.
+    could not be read, is in no format torchkeep recognises, or could not be scanned
+    completely (nothing is ever called clean that was not understood).
     """
     from torchkeep.errors import TorchkeepError
-    from torchkeep.unpickle.scanner import ScanReport, scan
+    from torchkeep.scanning import ScanReport, scan
 
     reports: list[ScanReport] = []
     unreadable: list[tuple[str, str]] = []
@@ -216,8 +217,8 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
             unreadable.append((path, str(e)))
     if as_json:
         echo_json([
-            *({"path": r.path, "format": r.format, "clean": r.clean, "pickles": r.pickles,
-               "errors": r.errors,
+            *({"path": r.path, "format": r.format, "verdict": r.verdict, "clean": r.clean,
+               "pickles": r.pickles, "errors": r.errors,
                "globals": [{"name": f.name, "verdict": f.verdict, "opcode": f.opcode,
                             "location": f.location, "offset": f.offset, "detail": f.detail}
                            for f in r.findings]}
@@ -226,30 +227,42 @@ def scan_command(paths: tuple[str, ...], as_json: bool) -> None:
         ])
     else:
         for r in reports:
-            names = {f.name for f in r.findings}
-            pickles = _plural(r.pickles, "pickle")
-            if r.clean:
-                click.echo(f"{r.path}: clean ({r.format}, {pickles}, "
-                           f"{_plural(len(names), 'distinct global')}, all allowed)")
-                continue
-            click.echo(f"{r.path}: {_plural(len(r.flagged), 'finding')} ({r.format}, {pickles})")
-            groups: dict[tuple[str, str], list[Any]] = {}
-            for f in r.flagged:
-                groups.setdefault((f.verdict, f.name), []).append(f)
-            for (verdict, name), found in groups.items():
-                f = found[0]
-                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                detail = f"  {f.detail}" if f.detail else ""
-                click.echo(f"  {verdict:<8} {name:<44} {f.opcode} at {f.location} "
-                           f"offset {f.offset}{more}{detail}")
-            for error in r.errors:
-                click.echo(f"  incomplete: {error}")
+            _print_scan(r)
         for _, message in unreadable:
             click.echo(f"torchkeep: error: {message}", err=True)
-    if any(r.flagged for r in reports):
+    if any(r.verdict == "dangerous" for r in reports):
         raise SystemExit(1)
-    if unreadable or any(r.errors for r in reports):
+    if unreadable or any(r.verdict != "clean" for r in reports):
         raise SystemExit(3)
+
+
+def _print_scan(r: Any) -> None:
+    pickles = _plural(r.pickles, "pickle")
+    if r.clean:
+        names = {f.name for f in r.findings}
+        click.echo(f"{r.path}: clean ({r.format}, {pickles}, "
+                   f"{_plural(len(names), 'distinct global')}, all allowed)")
+        return
+    if r.flagged:
+        click.echo(f"{r.path}: {_plural(len(r.flagged), 'finding')} ({r.format}, {pickles})")
+    elif r.format in ("unrecognised", "empty"):
+        what = "the file is empty" if r.format == "empty" else "in no format torchkeep knows"
+        click.echo(f"{r.path}: not vouched for: {what} ({pickles} found by a sweep of its "
+                   "bytes)")
+    else:
+        click.echo(f"{r.path}: incomplete ({r.format}, {pickles}): not every part could be "
+                   "scanned; nothing flagged in what could")
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for f in r.flagged:
+        groups.setdefault((f.verdict, f.name), []).append(f)
+    for (verdict, name), found in groups.items():
+        f = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        detail = f"  {f.detail}" if f.detail else ""
+        click.echo(f"  {verdict:<8} {name:<44} {f.opcode} at {f.location} "
+                   f"offset {f.offset}{more}{detail}")
+    for error in r.errors:
+        click.echo(f"  incomplete: {error}")
 
 
 def _plural(n: int, word: str) -> str:

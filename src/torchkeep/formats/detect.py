@@ -1,18 +1,34 @@
-"""Which format an input is, from its first bytes (never from its name)."""
+"""Which format an input is, from its first bytes (never from its name): one answer for
+``load``, ``open``, ``inspect``, ``scan``, ``verify`` and ``convert``.
+
+``sniff`` names what the bytes are, whether torchkeep reads it or not; ``detect`` is
+``sniff`` for readers, raising the error that fits for the formats torchkeep does not
+load. A zip archive is further told apart by its record names (``archive_format``): a
+torch checkpoint, a TorchScript archive, a numpy ``.npz``, or some other zip.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torchkeep.errors import FormatError, UnsupportedFormatError
+from torchkeep.formats.tar import tar_members
 from torchkeep.formats.torch_legacy import is_legacy
 from torchkeep.storage.source import Source
+from torchkeep.unpickle.scanner import HEAD_BYTES, is_pickle_head
 
 __all__ = [
     "FORMATS",
+    "HEAD_BYTES",
+    "archive_format",
     "detect",
     "format_for_suffix",
     "is_pickle_head",
     "is_zip_head",
     "looks_like_safetensors",
+    "sniff",
+    "tar_format_of",
+    "unsupported",
 ]
 
 #: Formats torchkeep reads; the first four it also writes.
@@ -26,7 +42,6 @@ _SUFFIXES = {
     ".tar": "torch",
     ".safetensors": "safetensors",
 }
-
 
 def format_for_suffix(name: str) -> str | None:
     """The format a file name's suffix implies, or None."""
@@ -42,11 +57,6 @@ def is_zip_head(head: bytes) -> bool:
     return head.startswith((b"PK\x03\x04", b"PK\x05\x06"))
 
 
-def is_pickle_head(head: bytes) -> bool:
-    """True when ``head`` opens a protocol 2-5 pickle."""
-    return len(head) > 1 and head[0] == 0x80 and head[1] <= 5
-
-
 def looks_like_safetensors(head: bytes, size: int) -> bool:
     """True when ``head`` opens a safetensors file of ``size`` bytes: a little-endian
     header length that fits the file, then the header's JSON."""
@@ -56,32 +66,91 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
     return 2 <= n <= size - 8 and head[8:9] in (b"{", b" ")
 
 
-def detect(source: Source) -> str:
-    """``torch``, ``torch-legacy``, ``safetensors`` or ``pickle``; FormatError otherwise."""
-    head = source.read(0, min(source.size, 512))
+def _is_tar_head(head: bytes) -> bool:
+    return len(head) >= 262 and head[257:262] == b"ustar"
+
+
+def sniff(source: Source) -> str:
+    """What ``source`` holds, from its first bytes: ``torch`` (a zip archive; see
+    ``archive_format``), ``torch-legacy``, ``tar``, ``safetensors``, ``pickle`` (any
+    protocol), ``numpy`` (an ``.npy`` array), ``empty`` or ``unrecognised``. Never raises
+    for content."""
+    head = source.read(0, min(source.size, HEAD_BYTES))
     if not head:
-        raise FormatError("the file is empty", source=source.name)
+        return "empty"
     if is_zip_head(head):
         return "torch"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        raise UnsupportedFormatError(
-            "this is a tar archive: torch's pre-0.1.10 tar layout (or a plain tarball). "
-            "Its loader unpickles with full Python semantics (CVE-2025-32434); torchkeep "
-            "does not read it",
-            source=source.name,
-        )
+    if _is_tar_head(head):
+        return "tar"
     if is_legacy(head):
         return "torch-legacy"
     if looks_like_safetensors(head, source.size):
         return "safetensors"
+    if head.startswith(b"\x93NUMPY"):
+        return "numpy"
     if is_pickle_head(head):
         return "pickle"
-    hint = ""
-    if head.startswith(b"\x89HDF"):
-        hint = " (it is an HDF5 file)"
-    elif head[:1] in (b"(", b"]", b"}", b"c"):
-        hint = " (it may be a protocol-0/1 pickle, which torchkeep does not read)"
+    return "unrecognised"
+
+
+def archive_format(names: Sequence[str]) -> str:
+    """What a zip archive with these record names is: ``torch`` (a checkpoint),
+    ``torchscript`` (``torch.jit.save``: code), ``numpy`` (an ``.npz`` of arrays) or
+    ``zip`` (no checkpoint layout)."""
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("/data.pkl") for n in names):
+        return "torch"
+    if names and all(n.endswith(".npy") for n in names):
+        return "numpy"
+    return "zip"
+
+
+def tar_format_of(source: Source) -> str:
+    """``torch-tar`` for a tar archive in torch's pre-0.1.10 layout, else ``tar``."""
+    try:
+        names = {member.name for member in tar_members(source)}
+    except FormatError:
+        return "tar"
+    return "torch-tar" if {"pickle", "storages"} <= names else "tar"
+
+
+_UNSUPPORTED = {
+    "torchscript": "this is a TorchScript archive (torch.jit.save): it holds code, not just "
+                   "data. Loading it means running that code (torch.jit.load); torchkeep does "
+                   "not. `torchkeep scan` lists what it references",
+    "torch-tar": "this is torch's pre-0.1.10 tar layout. Its loader unpickles with full "
+                 "Python semantics (CVE-2025-32434); torchkeep does not read it. `torchkeep "
+                 "scan` lists what its pickles reference",
+    "tar": "this is a tar archive (torch's pre-0.1.10 layout, or a plain tarball); torchkeep "
+           "does not read tar archives. `torchkeep scan` lists what pickles in it reference",
+    "numpy": "this is a numpy array file (.npy / .npz), not a checkpoint: read it with "
+             "numpy.load(allow_pickle=False). `torchkeep scan` lists what a pickled object "
+             "array in it references",
+    "zip": "a zip archive without a <folder>/data.pkl record: not a torch checkpoint",
+}
+
+
+def unsupported(fmt: str, source: object = None) -> UnsupportedFormatError:
+    """The error for a recognised format torchkeep does not load."""
+    return UnsupportedFormatError(_UNSUPPORTED[fmt], source=source, format=fmt)
+
+
+def detect(source: Source) -> str:
+    """``torch``, ``torch-legacy``, ``safetensors`` or ``pickle``: the formats ``load``
+    reads. UnsupportedFormatError for the others ``sniff`` knows, FormatError otherwise."""
+    fmt = sniff(source)
+    if fmt in ("torch", "torch-legacy", "safetensors", "pickle"):
+        return fmt
+    if fmt == "empty":
+        raise FormatError("the file is empty", source=source.name)
+    if fmt == "tar":
+        raise unsupported(tar_format_of(source), source.name)
+    if fmt == "numpy":
+        raise unsupported("numpy", source.name)
+    head = source.read(0, min(source.size, 8))
+    hint = " (it is an HDF5 file)" if head.startswith(b"\x89HDF") else ""
     raise FormatError(
-        f"not a checkpoint torchkeep recognises{hint}: starts with {head[:8].hex(' ')}",
+        f"not a checkpoint torchkeep recognises{hint}: starts with {head.hex(' ')}",
         source=source.name,
     )

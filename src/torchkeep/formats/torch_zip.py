@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError
+from torchkeep.formats.detect import archive_format, unsupported
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe, TreePickler
 from torchkeep.formats.ziparchive import ZipArchive, ZipMember
@@ -47,6 +48,9 @@ def read_torch_zip(
 ) -> Parsed:
     """Parse a torch zip checkpoint into placeholders without reading tensor bytes."""
     archive = ZipArchive(source, limits=limits)
+    kind = archive_format(archive.order)
+    if kind != "torch":
+        raise unsupported(kind, source.name)
     prefix = archive_prefix(archive)
     members = archive.members
 
@@ -61,20 +65,9 @@ def read_torch_zip(
             raise CorruptCheckpointError(f"record {record!r} is too large", source=source.name)
         return archive.read(found.name)
 
-    if member("constants.pkl") is not None or any(
-        name.startswith(f"{prefix}/code/") for name in archive.order
-    ):
-        raise UnsupportedFormatError(
-            "this is a TorchScript archive (torch.jit.save): it holds code, not just data. "
-            "Loading it means running that code (torch.jit.load); torchkeep does not. "
-            "`torchkeep scan` lists what it references.",
-            source=source.name,
-        )
     data_pkl = member("data.pkl")
     if data_pkl is None:
-        raise UnsupportedFormatError(
-            f"zip archive without {prefix}/data.pkl: not a torch checkpoint", source=source.name
-        )
+        raise unsupported("zip", source.name)
     version_raw = small(".data/version") or small("version")
     if version_raw is None:
         raise CorruptCheckpointError("missing the version record", source=source.name)
