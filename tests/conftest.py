@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,27 @@ def seed_checkpoint() -> dict[str, Any]:
         "optimizer_state_dict": optimizer.state_dict(),
         "loss": 0.125,
     }
+
+
+class Hang(AssertionError):
+    """Raised inside the code under test when it runs past its deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (raise Hang inside the running code) after ``seconds`` of wall time: a guard
+    against hangs, not a timing test."""
+
+    def fire(signum: int, frame: Any) -> None:
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import pickle
-import signal
 import struct
 import time
 import tracemalloc
@@ -36,29 +35,10 @@ from hypothesis import strategies as st
 
 import hostile as H
 import torchkeep
+from conftest import deadline
 from hostile import FLOATS4, Gadget, Mutation, Pickle, Raw, ZipEntry, frag
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-class Hang(AssertionError):
-    """Raised inside the code under test when it runs past its deadline."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail (raise Hang inside the running code) after ``seconds`` of wall time."""
-
-    def fire(signum: int, frame: Any) -> None:
-        raise Hang(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @contextlib.contextmanager
@@ -609,6 +589,36 @@ def test_real_deflate_bomb_with_a_small_claim_inflates_only_the_claim(record: st
     assert time.perf_counter() - start < 2
 
 
+def test_a_deflate_bomb_storage_is_refused_from_its_sizes(tmp_path: Path) -> None:
+    # a storage record that inflates 1000:1 to 3.5 GiB, declared consistently everywhere:
+    # refused from the sizes, before anything is inflated or allocated
+    mib = 3584
+    bomb = H.repeated_deflate_zeros(mib)
+    numel = (mib << 20) // 4
+    entries = H.torch_entries(H.tensor_pickle(size=(numel,), numel=numel), {"0": b""})
+    record = next(e for e in entries if e.name.endswith("data/0"))
+    record.method, record.payload, record.crc = 8, bomb, 0
+    record.csize, record.usize = len(bomb), mib << 20
+    data = H.zip_bytes(entries)
+    assert len(data) < (mib << 20) // 900
+    with peak_memory(50):
+        errors = refused(data, torchkeep.LimitExceededError, tmp_path, seconds=10)
+    for error in errors:
+        assert "archive/data/0" in str(error) and "max_inflated_bytes" in str(error)
+    report = torchkeep.scan(data)  # the storage record is never read by a scan
+    assert report.verdict == "clean"
+
+
+def test_max_inflated_bytes_can_be_raised_for_a_trusted_file() -> None:
+    entries = H.torch_entries(H.tensor_pickle(size=(1 << 18,), numel=1 << 18), {"0": b""})
+    record = next(e for e in entries if e.name.endswith("data/0"))
+    record.data, record.method = bytes(1 << 20), 8
+    data = H.zip_bytes(entries)
+    with pytest.raises(torchkeep.LimitExceededError, match="max_inflated_bytes"):
+        torchkeep.load(data, limits=torchkeep.Limits(max_inflated_bytes=1 << 19))
+    assert torchkeep.load(data)["w"].count_nonzero() == 0
+
+
 def test_deflated_records_are_read() -> None:
     entries = H.simple_entries()
     for e in entries:
@@ -951,6 +961,23 @@ def test_tuple_bomb_as_a_dict_key_is_refused_fast(tmp_path: Path) -> None:
                  frag().glob("__builtin__", "set").mark().mark().get(79).list().tuple().reduce()):
         data = Pickle().op(p.ops()[2:]).op(tail.ops()).finish()
         refused(data, torchkeep.CorruptCheckpointError, tmp_path, seconds=2)
+
+
+def test_many_keys_sharing_a_costly_tuple_are_refused_fast(tmp_path: Path) -> None:
+    # each key is one tuple of 2**15 - 1 nodes as a tree (a DAG of 15 DUP'd levels): under
+    # the per-key bound, but 2,000 of them cost 65M node visits to check and to hash
+    p = Pickle().empty_tuple().put(0)
+    for i in range(1, 15):
+        p.get(i - 1).get(i - 1).tuple2().put(i).pop()
+    keys = frag().glob("__builtin__", "frozenset").mark().mark()
+    for _ in range(2000):
+        keys.get(14)
+    data = Pickle().op(p.ops()[2:]).op(keys.list().tuple().reduce().ops()).finish()
+    with pytest.raises(torchkeep.CorruptCheckpointError, match="too large to hash"), \
+            deadline(10):
+        torchkeep.load(data)
+    small = Pickle().op(p.ops()[2:]).op(frag().empty_dict().get(14).int(1).setitem().ops())
+    assert len(next(iter(torchkeep.load(small.finish())))) == 2  # one such key is fine
 
 
 @pytest.mark.parametrize("ops", [

@@ -305,3 +305,38 @@ def test_the_frame_divergence_gadget_is_refused() -> None:
            + len(hidden).to_bytes(4, "little") + hidden + b"1N.")
     with pytest.raises(CorruptCheckpointError, match="crosses the end of its FRAME"):
         decode(raw)
+
+
+# -- text numbers, memo indices and call arities as CPython's C unpickler reads them --------
+
+_C_READINGS = [
+    *(b"I" + t + b"\n." for t in (b"00", b"01", b"-0", b"+1", b" 1", b"0", b"010", b"0x10",
+                                  b"0o10", b"1_000", b"", b" 12 ", b"007", b"0x", b"0b1",
+                                  b"9223372036854775808", b"-0x8000000000000001",
+                                  b"01000000000000000000000000")),
+    *(b"L" + t + b"L\n." for t in (b"00", b"01", b"010", b"0x10", b"-5", b"1_0")),
+    *(b"F" + t + b"\n." for t in (b"1.5", b"1_0", b" 1", b"1 ", b"inf", b"-nan", b"1e500",
+                                  b"Infinity", b"-1e-400")),
+    b"Np5555555555555555555555555555\n.", b"Np-1\n.", b"Np3\n0g3\n.", b"Ng-1\n.",
+    b"c__builtin__\nset\n((I1\nI2\nlI3\ntR.", b"c__builtin__\nset\n((I1\nI2\nltR.",
+    b"c__builtin__\nfrozenset\n((lI3\ntR.",
+    b"\x80\x02c__builtin__\nbytes\nC\x01xX\x01\x00\x00\x00a\x86R.",
+]
+
+
+@pytest.mark.parametrize("raw", _C_READINGS)
+def test_text_numbers_memo_and_arities_read_as_cpython_does(raw: bytes) -> None:
+    try:
+        expected = pickle.loads(raw)
+    except Exception:
+        with pytest.raises(CorruptCheckpointError):
+            decode(raw)
+        return
+    value = decode(raw)
+    assert type(value) is type(expected)
+    assert repr(value) == repr(expected)
+
+
+def test_newobj_of_an_ordered_dict_ignores_its_arguments_as_cpython_does() -> None:
+    raw = b"\x80\x02ccollections\nOrderedDict\n]](K\x01K\x02ea\x85\x81."
+    assert pickle.loads(raw) == collections.OrderedDict() == decode(raw)

@@ -138,7 +138,10 @@ _BY_SAFETENSORS = {d.safetensors: d for d in DTYPES.values() if d.safetensors}
 
 
 def by_name(name: str) -> DType:
-    """The DType called ``name`` (torch's name, with or without ``torch.``)."""
+    """The DType called ``name`` (torch's name, with or without ``torch.``); KeyError for
+    anything else, a name read from a file that is not a string included."""
+    if not isinstance(name, str):
+        raise KeyError(f"unknown dtype {name!r:.40}")
     key = name.removeprefix("torch.")
     key = _ALIASES.get(key, key)
     try:

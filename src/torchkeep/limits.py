@@ -25,6 +25,9 @@ class Limits:
     max_pickle_bytes: int = 1 << 31
     #: Records in a zip archive (members of a tar archive).
     max_zip_members: int = 1_000_000
+    #: Bytes one deflated zip record may inflate to (it cannot be mapped: it is inflated
+    #: into memory). torch.save stores records; deflated ones come from re-zipped files.
+    max_inflated_bytes: int = 1 << 30
     #: Bytes of one storage or tensor record.
     max_tensor_bytes: int = 1 << 46
     #: Elements of one tensor view (stride-0 views can claim more than their bytes).

@@ -112,6 +112,7 @@ def read_torch_zip(
             raise CorruptCheckpointError(
                 f"record data/{key} has {rec.size} bytes, its storage declares {nbytes}"
             )
+        archive.check_inflation(rec)
         ref = StorageRef(key, storage_class.dtype, nbytes, location)
         storages[key] = ref
         records[key] = _record(archive, rec)

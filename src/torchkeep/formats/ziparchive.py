@@ -13,7 +13,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from torchkeep.errors import CorruptCheckpointError, IntegrityError, UnsupportedFormatError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    IntegrityError,
+    TorchkeepError,
+    UnsupportedFormatError,
+)
 from torchkeep.formats.zipstructs import (
     CENTRAL_HEADER,
     END_RECORD,
@@ -244,9 +249,21 @@ class ZipArchive:
 
     # -- data ------------------------------------------------------------------------------
 
+    def check_inflation(self, member: ZipMember) -> None:
+        """LimitExceededError when a deflated record would inflate past the limit (from its
+        sizes, before anything is allocated)."""
+        if not member.stored and member.size > self.limits.max_inflated_bytes:
+            try:
+                self.limits.check("max_inflated_bytes", member.size,
+                                  f"deflated record {member.name!r} "
+                                  f"({member.compressed_size:,} bytes): its inflated size")
+            except TorchkeepError as e:
+                raise e.with_source(self.source.name) from None
+
     def read(self, name: str, *, verify: bool = True) -> bytes:
         """The uncompressed bytes of record ``name``; CRC-32 checked when ``verify``."""
         member = self.members[name]
+        self.check_inflation(member)
         raw = self.source.read(member.data_offset, member.compressed_size)
         data = raw if member.stored else self._inflate(member, raw)
         if verify:

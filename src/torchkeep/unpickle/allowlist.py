@@ -527,22 +527,41 @@ def _counter(m: Machine, args: tuple[Any, ...]) -> collections.Counter[Any]:
     return result
 
 
+def _at_most_one(m: Machine, args: tuple[Any, ...], what: str) -> None:
+    # the real callables refuse more (set(a, b) is a TypeError): so does their stand-in
+    if len(args) > 1:
+        raise m.fail(f"{what} takes at most 1 argument, got {len(args)}")
+
+
 def _set(m: Machine, args: tuple[Any, ...]) -> set[Any]:
+    _at_most_one(m, args, "set")
     return {m.key(v) for v in (args[0] if args else ())}
 
 
 def _frozenset(m: Machine, args: tuple[Any, ...]) -> frozenset[Any]:
+    _at_most_one(m, args, "frozenset")
     return frozenset(m.key(v) for v in (args[0] if args else ()))
+
+
+def _empty(kind: type) -> Call:
+    """NEWOBJ of a dict type: ``cls.__new__(cls, *args)`` ignores the args (the items come
+    through SETITEMS, or BUILD)."""
+    def new(m: Machine, args: tuple[Any, ...]) -> Any:
+        return kind()
+
+    return new
 
 
 def _bytes_from(m: Machine, args: tuple[Any, ...], what: str) -> bytes:
     if not args:
         return b""
     value = args[0]
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
     if isinstance(value, str) and len(args) == 2 and args[1] in ("latin1", "latin-1"):
         return value.encode("latin-1")
+    if len(args) != 1:
+        raise m.fail(f"unsupported {what} arguments")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
     if isinstance(value, list) and all(type(v) is int and 0 <= v < 256 for v in value):
         return bytes(list[int](value))
     raise m.fail(f"unsupported {what} arguments")
@@ -659,12 +678,18 @@ def _np_reconstruct(m: Machine, args: tuple[Any, ...]) -> _PendingArray:
     return _PendingArray()
 
 
+_NUMPY_DTYPE_SPEC = re.compile(r"[<>|=]?[A-Za-z?][0-9]{0,6}\Z")
+
+
 def _np_dtype(m: Machine, args: tuple[Any, ...]) -> _PendingDType:
     if not args or type(args[0]) is not str or len(args) > 3:
         raise m.fail("numpy.dtype takes (spec, align, copy)")
     spec = args[0]
-    if not spec or spec[0] in "OMm" or not spec.isascii():
-        raise m.fail(f"numpy dtype {spec!r} is not allowed (object and time dtypes)")
+    # what numpy pickles: a kind letter and an item size ('f8', 'S5'); numpy's own parser
+    # would take far more (shapes, comma lists) and raise anything from SyntaxError on
+    if not _NUMPY_DTYPE_SPEC.match(spec) or spec.lstrip("<>|=")[:1] in "OMm":
+        raise m.fail(f"numpy dtype {spec[:40]!r} is not allowed (only plain kinds and sizes; "
+                     "no object or time dtypes)")
     try:
         base = np.dtype(spec)
     except (TypeError, ValueError) as e:
@@ -831,8 +856,8 @@ def _default_table() -> dict[str, Any]:
         for name in _LEGACY_TENSOR_TYPES:
             table[f"{module}.{name}"] = Symbol("tensortype", f"{module}.{name}")
 
-    add("collections.OrderedDict", _ordered_dict, _ordered_dict)
-    add("collections.Counter", _counter, _counter)
+    add("collections.OrderedDict", _ordered_dict, _empty(collections.OrderedDict))
+    add("collections.Counter", _counter, _empty(collections.Counter))
     add("builtins.set", _set)
     add("builtins.frozenset", _frozenset)
     add("builtins.bytes", _bytes)

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import codecs
 import collections
+import math
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from torchkeep.errors import CorruptCheckpointError, TorchkeepError, UnsafeCheckpointError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    LimitExceededError,
+    TorchkeepError,
+    UnsafeCheckpointError,
+)
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.unpickle.allowlist import Allowlist, Entry, Pending, build
 
@@ -28,6 +35,8 @@ _unpack_Q = struct.Struct("<Q").unpack_from
 _unpack_d = struct.Struct(">d").unpack_from
 
 _HASHABLE_LEAVES = (int, float, str, bytes, bool, type(None), complex)
+_MAX_KEY_NODES = 100_000  # one key, as a tree: hashing it visits every node
+_MAX_KEY_WORK = 10_000_000  # all keys of a stream together
 
 
 class _Mark:
@@ -52,6 +61,8 @@ class _Machine:
         "data",
         "end",
         "frame_end",
+        "key_shapes",
+        "key_work",
         "last_put",
         "limits",
         "memo",
@@ -86,6 +97,8 @@ class _Machine:
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.last_put = -1
+        self.key_shapes: dict[int, tuple[Any, int, int]] = {}
+        self.key_work = 0
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -131,26 +144,54 @@ class _Machine:
             self.limits.check("max_int_bytes", n, f"{self.what}: integer literal bytes")
 
     def key(self, k: Any) -> Any:
-        """Validate a dict key or set member: hashable, and shallow enough to hash safely."""
+        """Validate a dict key or set member: hashable, and cheap and shallow to hash.
+
+        Hashing a tuple walks every path through it (tuples do not cache their hash), so
+        a key built by DUPs as a DAG can cost exponentially more than its bytes: each key's
+        size as a tree is bounded, and so is the sum over the stream."""
         if type(k) in _HASHABLE_LEAVES:
             return k
         if isinstance(k, (tuple, frozenset)):
-            todo: list[tuple[Any, int]] = [(k, 1)]
-            seen = 0
-            while todo:
-                obj, depth = todo.pop()
-                seen += 1
-                if depth > self.limits.max_depth or seen > 100_000:
-                    raise self.fail("dict key nested too deeply to hash safely")
-                for item in obj:
-                    if isinstance(item, (tuple, frozenset)):
-                        todo.append((item, depth + 1))
-                    elif not isinstance(item, _HASHABLE_LEAVES) and not _identity_hashed(item):
-                        raise self.fail(f"unhashable dict key element {type(item).__name__}")
+            size, depth = self._key_shape(k)
+            if depth > self.limits.max_depth:
+                raise self.fail("dict key nested too deeply to hash safely")
+            self.key_work += size
+            if size > _MAX_KEY_NODES or self.key_work > _MAX_KEY_WORK:
+                raise self.fail("dict key too large to hash safely (a tuple of "
+                                f"{size:,} nodes)")
             return k
         if _identity_hashed(k):
             return k
         raise self.fail(f"unhashable dict key of type {type(k).__name__}")
+
+    def _key_shape(self, k: tuple[Any, ...] | frozenset[Any]) -> tuple[int, int]:
+        """(size as a tree, depth) of a key, each distinct tuple visited once."""
+        shapes = self.key_shapes
+        todo: list[tuple[Any, bool]] = [(k, False)]
+        while todo:
+            node, children_done = todo.pop()
+            if id(node) in shapes:
+                continue
+            if not children_done:
+                todo.append((node, True))
+                for item in node:
+                    if isinstance(item, (tuple, frozenset)):
+                        if id(item) not in shapes:
+                            todo.append((item, False))
+                    elif not isinstance(item, _HASHABLE_LEAVES) and not _identity_hashed(item):
+                        raise self.fail(f"unhashable dict key element {type(item).__name__}")
+                continue
+            size, depth = 1, 1
+            for item in node:
+                if isinstance(item, (tuple, frozenset)):
+                    _, item_size, item_depth = shapes[id(item)]
+                    size += item_size
+                    depth = max(depth, item_depth + 1)
+                else:
+                    size += 1
+            shapes[id(node)] = (node, size, depth)  # keeps node alive: its id stays its own
+        _, size, depth = shapes[id(k)]
+        return size, depth
 
     def put(self, index: int) -> None:
         if not self.stack:
@@ -269,19 +310,33 @@ def _long4(m: _Machine) -> None:
     m.stack.append(int.from_bytes(m.take(n), "little", signed=True))
 
 
+# C strtol(s, &end, 0): optional space and sign, then hex, octal or decimal digits
+_STRTOL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))")
+_LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _text_int(text: bytes) -> int:
+    """An INT argument as CPython's C unpickler (what torch.load runs) reads it: C's
+    strtol with base 0 (so ``010`` is 8), a two-character 0 or 1 is a bool (``00``,
+    ``-0``, ``+1``), and what strtol cannot take whole goes to int(text, 0)."""
+    found = _STRTOL.match(text)
+    if found is not None and found.end() == len(text):
+        sign, hexa, octal, decimal = found.groups()
+        value = int(hexa, 16) if hexa else int(octal, 8) if octal else int(decimal)
+        value = -value if sign == b"-" else value
+        if _LONG_MIN <= value <= _LONG_MAX:
+            return bool(value) if len(text) == 2 and value in (0, 1) else value
+    return int(text, 0)
+
+
 @_op(b"I")  # INT (text)
 def _int(m: _Machine) -> None:
     text = m.line()
     m.check_int_size(len(text) // 2)
-    if text == b"00":
-        m.stack.append(False)
-    elif text == b"01":
-        m.stack.append(True)
-    else:
-        try:
-            m.stack.append(int(text))
-        except ValueError:
-            raise m.fail("INT with a malformed number") from None
+    try:
+        m.stack.append(_text_int(text))
+    except ValueError:
+        raise m.fail("INT with a malformed number") from None
 
 
 @_op(b"L")  # LONG (text)
@@ -289,7 +344,7 @@ def _long(m: _Machine) -> None:
     text = m.line()
     m.check_int_size(len(text) // 2)
     try:
-        m.stack.append(int(text.removesuffix(b"L")))
+        m.stack.append(int(text.removesuffix(b"L"), 0))  # base 0, as CPython's C unpickler
     except ValueError:
         raise m.fail("LONG with a malformed number") from None
 
@@ -301,11 +356,18 @@ def _binfloat(m: _Machine) -> None:
 
 @_op(b"F")  # FLOAT (text)
 def _float(m: _Machine) -> None:
+    # CPython's C unpickler parses with PyOS_string_to_double: no spaces or underscores
+    # (which float() takes), and an overflow ("1e500") is an error, not inf
     text = m.line()
     try:
-        m.stack.append(float(text))
+        if b"_" in text or text != text.strip():
+            raise ValueError(text)
+        value = float(text)
+        if math.isinf(value) and b"inf" not in text.lower():
+            raise ValueError(text)
     except ValueError:
         raise m.fail("FLOAT with a malformed number") from None
+    m.stack.append(value)
 
 
 # -- strings and bytes --
@@ -513,13 +575,20 @@ def _additems(m: _Machine) -> None:
 # -- memo --
 
 
-@_op(b"p")  # PUT
-def _put(m: _Machine) -> None:
+def _text_index(m: _Machine, what: str) -> int:
+    # CPython takes the index as a C ssize_t and refuses a negative one
     try:
         index = int(m.line())
     except ValueError:
-        raise m.fail("PUT with a malformed index") from None
-    m.put(index)
+        raise m.fail(f"{what} with a malformed index") from None
+    if not 0 <= index <= _LONG_MAX:
+        raise m.fail(f"{what} index {index} is out of range")
+    return index
+
+
+@_op(b"p")  # PUT
+def _put(m: _Machine) -> None:
+    m.put(_text_index(m, "PUT"))
 
 
 @_op(b"\x94")  # MEMOIZE
@@ -529,11 +598,7 @@ def _memoize(m: _Machine) -> None:
 
 @_op(b"g")  # GET
 def _get(m: _Machine) -> None:
-    try:
-        index = int(m.line())
-    except ValueError:
-        raise m.fail("GET with a malformed index") from None
-    m.get(index)
+    m.get(_text_index(m, "GET"))
 
 
 # -- globals, calls, objects --
@@ -645,6 +710,8 @@ def _persistent(m: _Machine, pid: Any) -> Any:
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{m.what} offset {m.op_pos}: {e.reason}",
                                     global_name=e.global_name) from e
+    except LimitExceededError as e:
+        raise LimitExceededError(f"{m.what} offset {m.op_pos}: {e.reason}") from e
     except TorchkeepError as e:
         raise m.fail(e.reason) from e
 
