@@ -143,3 +143,72 @@ def test_streams_need_no_seek(fmt: str) -> None:
     torchkeep.save({"w": torch.arange(4.0)}, sink, format=fmt)
     out = torchkeep.load(sink.buffer.getvalue())
     assert torch.equal(out["w"], torch.arange(4.0))
+
+
+# -- a write that fails under the CRC-32 / checksum running on the other core ---------------
+
+_FAILING_SAVES = """
+import os, resource, signal, sys
+import torch, torchkeep
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit: EFBIG, not a signal
+folder, limit, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if limit:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+failed = 0
+for i in range(4):
+    tensor = torch.randn((96 << 20) // 4)  # 96 MiB: checksummed on the worker thread
+    try:
+        if kind == "file":
+            torchkeep.save({"w": tensor}, os.path.join(folder, f"x{i}.pt"))
+        else:
+            with torchkeep.CheckpointManager(os.path.join(folder, "run")) as mgr:
+                mgr.save(i, {"w": tensor})
+    except torchkeep.TorchkeepError as e:
+        assert isinstance(e, (torchkeep.StorageError, torchkeep.AsyncSaveError)), repr(e)
+        failed += 1
+    del tensor  # freed at once: a checksum still reading it would crash the process
+print("failed", failed)
+"""
+
+
+def _run_failing_saves(folder: str, limit: int, kind: str, *, wrap: list[str] = ()) -> str:
+    import subprocess
+    import sys
+
+    from conftest import quiet_env
+
+    done = subprocess.run([*wrap, sys.executable, "-c", _FAILING_SAVES, folder, str(limit),
+                           kind], capture_output=True, text=True, timeout=300,
+                          env=quiet_env(), check=False)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-800:]}"
+    return done.stdout
+
+
+@pytest.mark.parametrize("kind", ["file", "manager"])
+def test_a_write_failing_at_the_file_size_limit_never_crashes(tmp_path, kind: str) -> None:
+    # the CRC-32 of the record being written ran on after the write failed; the caller
+    # freed the tensor and the process died of SIGSEGV (every run here, before the fix)
+    for run in range(4):
+        folder = tmp_path / str(run)
+        folder.mkdir()
+        assert "failed 4" in _run_failing_saves(str(folder), 8 << 20, kind)
+        if kind == "file":
+            assert tmp_debris(folder) == [] and not list(folder.glob("*.pt"))
+
+
+@pytest.mark.parametrize("kind", ["file", "manager"])
+def test_a_write_failing_on_a_full_filesystem_never_crashes(tmp_path, kind: str) -> None:
+    import shutil
+    import subprocess
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-Urm", "true"], capture_output=True,
+                                         check=False).returncode != 0:
+        pytest.skip("needs unshare -Urm (a mount namespace) to mount a small tmpfs")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    script = ("mount -t tmpfs -o size=24m tmpfs \"$0\" && exec \"$@\"")
+    for _ in range(3):
+        out = _run_failing_saves(str(folder), 0, kind,
+                                 wrap=[unshare, "-Urm", "sh", "-c", script, str(folder)])
+        assert "failed 4" in out

@@ -37,7 +37,7 @@ from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe
 from torchkeep.formats.treejson import TreeDecoder, TreeEncoder, contiguous_strides
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.checksums import digest_async
+from torchkeep.storage.checksums import Overlapped
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.storage.source import open_source
 from torchkeep.tree import StorageRef, TensorRef
@@ -127,13 +127,13 @@ def _write_data(
     offset = 0
     for payload in payloads:
         data = payload.bytes(storage_bytes)
-        digest = digest_async(checksum, data)  # runs while data is written
-        pad = -offset % ALIGNMENT
-        if pad:
-            write(b"\0" * pad)
-            offset += pad
-        if data.nbytes:
-            write(data)
+        with Overlapped(checksum, data) as digest:  # runs while data is written; a
+            pad = -offset % ALIGNMENT              # failed write waits for it too
+            if pad:
+                write(b"\0" * pad)
+                offset += pad
+            if data.nbytes:
+                write(data)
         ref = payload.ref
         entries[payload.name] = {
             "dtype": ref.dtype.name,

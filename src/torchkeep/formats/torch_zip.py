@@ -212,7 +212,7 @@ def write_torch_zip_records(
     """
     import sys
 
-    from torchkeep.storage.checksums import crc32_async
+    from torchkeep.storage.checksums import crc32_overlapped
 
     zw = ZipWriter(write, archive_name, alignment=alignment, compute_crc=checksum)
     zw.add("data.pkl", pickle_bytes)
@@ -223,9 +223,13 @@ def write_torch_zip_records(
         data = memoryview(get_bytes()).cast("B")
         if data.nbytes != nbytes:
             raise CorruptCheckpointError(f"storage {index} changed size while saving")
-        crc = crc32_async(data) if checksum and data.nbytes else None
         zw.begin(f"data/{index}", data.nbytes)
-        zw.payload(data)  # written while the CRC runs on the other core
-        zw.end(crc.result() if crc is not None else 0)
+        if checksum and data.nbytes:
+            with crc32_overlapped(data) as crc:  # a failed write waits for the CRC too
+                zw.payload(data)  # written while the CRC runs on the other core
+            zw.end(crc.result())
+        else:
+            zw.payload(data)
+            zw.end(0)
     zw.add("version", b"3\n")
     return zw.finish()

@@ -10,37 +10,60 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from torchkeep.storage.workers import worker
 
-__all__ = ["INLINE_BYTES", "crc32_async", "digest_async"]
+__all__ = ["INLINE_BYTES", "Overlapped", "crc32_overlapped"]
 
 #: Below this size the CRC is computed in the calling thread.
 INLINE_BYTES = 1 << 20
 
-class _Done:
-    """A finished "future" for checksums computed inline."""
 
-    __slots__ = ("value",)
+class Overlapped:
+    """A checksum of caller memory running on the worker thread while the caller writes it.
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    Use it as a context manager around the write: leaving the block, by return or by an
+    exception (a full disk, a file-size limit), waits until the checksum has finished, so
+    the memory it reads cannot be freed under it (it may be a tensor's, which the caller
+    frees as soon as the error reaches it). ``result()`` is the checksum.
+    """
+
+    __slots__ = ("_future", "_value")
+
+    def __init__(self, function: Callable[[Any], Any], data: Any) -> None:
+        view = memoryview(data)
+        self._future: Future[Any] | None = None
+        self._value: Any = None
+        if view.nbytes < INLINE_BYTES:
+            self._value = function(view)
+        else:
+            self._future = worker("checksum").submit(function, view)
+
+    def __enter__(self) -> Overlapped:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait until the work is over, even through an interrupt (re-raised after)."""
+        future = self._future
+        interrupted: BaseException | None = None
+        while future is not None and not future.done():
+            try:
+                wait([future])
+            except BaseException as e:  # KeyboardInterrupt: the worker still reads
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
 
     def result(self) -> Any:
-        return self.value
+        """The checksum (waits for it)."""
+        return self._value if self._future is None else self._future.result()
 
 
-def digest_async(function: Callable[[Any], Any], data: Any) -> Future[Any] | _Done:
-    """Start ``function(data)`` (a checksum that releases the GIL) on the worker thread;
-    ``.result()`` waits for it. ``data`` must not change until then."""
-    view = memoryview(data)
-    if view.nbytes < INLINE_BYTES:
-        return _Done(function(view))
-    return worker("checksum").submit(function, view)
-
-
-def crc32_async(data: Any) -> Future[int] | _Done:
-    """Start the CRC-32 of ``data``; ``.result()`` waits for it."""
-    return digest_async(zlib.crc32, data)
+def crc32_overlapped(data: Any) -> Overlapped:
+    """The CRC-32 of ``data``, overlapped with the caller's work (see Overlapped)."""
+    return Overlapped(zlib.crc32, data)
