@@ -1351,3 +1351,16 @@ def test_save_refusals_are_unsupported_type_errors(obj: Any, tmp_path: Path) -> 
         torchkeep.save({"x": obj}, path)
     assert path.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_error_messages_never_repr_a_shared_reference_bomb(tmp_path: Path) -> None:
+    # the legacy stream's protocol version is a pickle: a 10-level list bomb there made the
+    # error message's repr run for ever (found by the load fuzzer)
+    bomb = H.memo_bomb(40)
+    data = (H.split_pickles(H.torch_save_bytes(H.small_state(),
+                                               _use_new_zipfile_serialization=False), 5)[0][0]
+            + bomb)
+    refused(data, torchkeep.CorruptCheckpointError, tmp_path, seconds=5)
+    record = torchkeep.PickledObject("m", "C", (), torchkeep.load(bomb))
+    with deadline(5):
+        assert len(repr(record)) < 300

@@ -22,6 +22,7 @@ def test_all_is_sorted_and_complete() -> None:
         and n not in ("annotations", "TYPE_CHECKING")
     }
     assert public - set(names) == set()
+    assert set(errors.__all__) <= set(names)  # every error can be caught as torchkeep.X
 
 
 def test_every_error_subclasses_a_builtin_and_the_base() -> None:

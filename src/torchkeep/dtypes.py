@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ __all__ = [
     "by_safetensors",
     "by_storage_class",
     "from_numpy",
+    "plain_numpy_dtype",
 ]
 
 
@@ -198,3 +200,25 @@ _NUMPY_NATIVE_ORDER = tuple(
 )
 
 NATIVE_BYTEORDER = sys.byteorder
+
+
+# what numpy pickles and torchkeep's JSON trees record: a kind letter and an item size
+# ('<f8', 'S5'); numpy's own parser would take far more (shapes, comma lists, eval-ed
+# strings) and raise anything from SyntaxError on
+_PLAIN_NUMPY_SPEC = re.compile(r"[<>|=]?[A-Za-z?][0-9]{0,6}\Z")
+
+
+def plain_numpy_dtype(spec: Any) -> np.dtype[Any]:
+    """The numpy dtype a file names by ``spec``: plain kinds and sizes only (no object,
+    datetime, structured or zero-size dtypes); ValueError for anything else."""
+    plain = type(spec) is str and _PLAIN_NUMPY_SPEC.match(spec) is not None
+    if not plain or spec.lstrip("<>|=")[:1] in "OMm":
+        raise ValueError(f"numpy dtype {str(spec)[:40]!r} is not allowed (only plain kinds "
+                         "and sizes; no object or time dtypes)")
+    try:
+        base: np.dtype[Any] = np.dtype(spec)
+    except TypeError as e:
+        raise ValueError(f"bad numpy dtype {spec!r}") from e
+    if base.hasobject or base.names is not None or base.itemsize == 0:
+        raise ValueError(f"numpy dtype {spec!r} is not allowed")
+    return base

@@ -27,6 +27,7 @@ OSError, json) are translated once per layer with ``raise ... from e``.
 from __future__ import annotations
 
 import os
+import reprlib
 
 __all__ = [
     "AsyncSaveError",
@@ -44,6 +45,18 @@ __all__ = [
     "UnsupportedFormatError",
     "UnsupportedTypeError",
 ]
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 3, 4, 4, 4
+_SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdeque = _SHORT.maxarray = 4
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
+def shown(value: object) -> str:
+    """A short repr of a value read from a file, for messages: bounded in length and in
+    cost (the full repr of a pickle's shared-reference bomb takes exponential time)."""
+    return _SHORT.repr(value)
 
 
 def _where(source: object) -> str:

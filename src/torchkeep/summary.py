@@ -11,6 +11,7 @@ import numpy as np
 
 from torchkeep.api import parse
 from torchkeep.dtypes import DType
+from torchkeep.errors import shown
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.tree import (
     Device,
@@ -141,8 +142,10 @@ def _short_repr(value: Any, limit: int = 80) -> str:
         text = f"ndarray({value.dtype}, shape={list(value.shape)})"
     elif isinstance(value, PickledObject):
         text = f"<{value.qualname}>"
-    else:
+    elif type(value) in (str, int, float, bool, bytes, complex, type(None)):
         text = repr(value)
+    else:  # sets and the like: a bounded repr (a shared-reference bomb's is exponential)
+        text = shown(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -25,7 +25,7 @@ import torch
 
 from torchkeep.dtypes import DTYPES, DType
 from torchkeep.errors import UnsupportedTypeError
-from torchkeep.formats.pickler import render_path
+from torchkeep.formats.pickler import REDUCED_TYPES, render_path
 from torchkeep.tensors import check_saveable, location_of, unsupported_subclass
 from torchkeep.tree import Device, PickledObject, Size, StorageView, Symbol, TensorRef
 from torchkeep.unpickle.allowlist import Allowlist
@@ -39,7 +39,7 @@ _ALLOWED_GLOBALS = Allowlist().names | {
 }
 _PLACEHOLDERS = (TensorRef, Size, Device, Symbol, StorageView, PickledObject, DType)
 _PASS_THROUGH = (OrderedDict, collections.Counter, complex, torch.Size, torch.dtype,
-                 torch.device, torch.layout, torch.qscheme)
+                 torch.device, torch.layout, torch.qscheme, *REDUCED_TYPES)
 _V2 = torch._utils._rebuild_tensor_v2
 _V3 = torch._utils._rebuild_tensor_v3
 _PARAMETER = torch._utils._rebuild_parameter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import math
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torchkeep.dtypes import DType
-from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.errors import CorruptCheckpointError, FormatError, shown
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -195,7 +196,9 @@ class PickledObject:
     """An object of a global the caller allowed by name only: what the pickle said, inert.
 
     Nothing is imported or called to build it. ``args`` are the constructor arguments,
-    ``state`` the BUILD state, ``items`` what SETITEM/APPEND added.
+    ``state`` the BUILD state, ``items`` what APPEND(S) added and ``dict_items`` the
+    ``(key, value)`` pairs SETITEM(S) added. ``torchkeep.save`` writes it back as the
+    same global, called with the same arguments. Tensors inside are loaded like any other.
     """
 
     module: str
@@ -203,6 +206,7 @@ class PickledObject:
     args: tuple[Any, ...] = ()
     state: Any = None
     items: list[Any] = field(default_factory=list)
+    dict_items: list[tuple[Any, Any]] = field(default_factory=list)
 
     @property
     def qualname(self) -> str:
@@ -210,7 +214,7 @@ class PickledObject:
         return f"{self.module}.{self.name}"
 
     def __repr__(self) -> str:
-        return f"PickledObject({self.qualname}, args={self.args!r}, state={self.state!r})"
+        return f"PickledObject({self.qualname}, args={shown(self.args)}, state={shown(self.state)})"
 
 
 #: Bound on any one size, stride or offset of a view (64-bit arithmetic stays exact).
@@ -312,7 +316,7 @@ def walk_tree(
     active: set[int] = set()
 
     def walk(obj: Any, path: tuple[Any, ...]) -> None:
-        if not isinstance(obj, (dict, list, tuple)) or not obj or isinstance(obj, Size):
+        if not isinstance(obj, _BRANCHES) or not _children(obj) or isinstance(obj, Size):
             if isinstance(obj, only):
                 found.append((path, obj))
             return
@@ -327,8 +331,7 @@ def walk_tree(
             return
         first_path[oid] = path
         active.add(oid)
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-        for key, value in items:
+        for key, value in _children(obj):
             walk(value, (*path, key))
         active.discard(oid)
 
@@ -359,8 +362,9 @@ def map_tree(tree: Any, leaf: Callable[[Any], Any], *, limits: Limits = DEFAULT_
 
     Containers are rebuilt (never mutated), shared sub-trees stay shared, and the same
     placeholder object maps to the same result object, so tied weights stay tied.
-    ``leaf`` is called for TensorRef, SparseRef, Size, Device, Symbol, DType and
-    PickledObject values; other scalars are kept. OrderedDict ``_metadata`` survives.
+    ``leaf`` is called for TensorRef, SparseRef, Size, Device, Symbol and DType values;
+    other scalars are kept; inert records and Namespaces are rebuilt around their
+    converted contents. OrderedDict ``_metadata`` survives.
     Cycles and nesting deeper than ``limits.max_depth`` raise FormatError.
     """
     done: dict[int, Any] = {}
@@ -377,7 +381,7 @@ def map_tree(tree: Any, leaf: Callable[[Any], Any], *, limits: Limits = DEFAULT_
             return hit
         if isinstance(obj, _LEAVES):
             result = leaf(obj)
-        elif kind in _CONTAINERS or isinstance(obj, (dict, list, tuple)):
+        elif kind in _CONTAINERS or isinstance(obj, _BRANCHES):
             if depth >= limits.max_depth:
                 limits.check("max_depth", depth + 1, "nesting depth")
             if oid in active:
@@ -420,10 +424,33 @@ def _rebuild_container(obj: Any, convert: Callable[[Any], Any]) -> Any:
         if hasattr(obj, "_fields"):  # a namedtuple
             return type(obj)(*values)
         return tuple(values)
+    if isinstance(obj, PickledObject):
+        return PickledObject(obj.module, obj.name, tuple(convert(v) for v in obj.args),
+                             convert(obj.state), [convert(v) for v in obj.items],
+                             [(k, convert(v)) for k, v in obj.dict_items])
+    if isinstance(obj, argparse.Namespace):
+        return argparse.Namespace(**{k: convert(v) for k, v in vars(obj).items()})
     raise FormatError(f"cannot rebuild container of type {type(obj).__name__}")
+
+
+def _children(obj: Any) -> Any:
+    """(key, value) pairs below a branch of the tree (``state``, ``args`` ... of an inert
+    record; a Namespace's attributes)."""
+    if isinstance(obj, dict):
+        return obj.items()
+    if isinstance(obj, PickledObject):
+        return [(name, value) for name, value in (
+            ("args", obj.args), ("state", obj.state), ("items", obj.items),
+            ("dict_items", obj.dict_items)) if value]
+    if isinstance(obj, argparse.Namespace):
+        return vars(obj).items()
+    return enumerate(obj)
 
 
 _MISSING = object()
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex, bytearray})
 _CONTAINERS = frozenset({dict, list, tuple, collections.OrderedDict})
-_LEAVES = (TensorRef, SparseRef, StorageView, Size, Device, Symbol, DType, PickledObject)
+#: what a walk descends into: containers, inert records and Namespaces (tensors inside
+#: them are loaded like any other)
+_BRANCHES = (dict, list, tuple, PickledObject, argparse.Namespace)
+_LEAVES = (TensorRef, SparseRef, StorageView, Size, Device, Symbol, DType)

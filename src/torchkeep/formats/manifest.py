@@ -32,6 +32,7 @@ from torchkeep.errors import (
     FormatError,
     IntegrityError,
     UnsupportedFormatError,
+    shown,
 )
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe
@@ -228,7 +229,7 @@ def read_manifest(fs: FileSystem, directory: str, *, verify: bool = True) -> dic
                                      source=name)
     if manifest.get("version") != FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"step manifest version {manifest.get('version')!r} is not supported", source=name
+            f"step manifest version {shown(manifest.get('version'))} is not supported", source=name
         )
     return manifest
 

@@ -14,7 +14,12 @@ cannot name the tree path of an unsupported object.
 
 from __future__ import annotations
 
+import argparse
 import collections
+import copyreg
+import datetime
+import decimal
+import pathlib
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,9 +29,39 @@ import numpy as np
 from torchkeep import dtypes
 from torchkeep.dtypes import DType
 from torchkeep.errors import UnsupportedTypeError
-from torchkeep.tree import Device, Size, StorageRef, StorageView, Symbol, TensorRef
+from torchkeep.tree import (
+    Device,
+    PickledObject,
+    Size,
+    StorageRef,
+    StorageView,
+    Symbol,
+    TensorRef,
+)
+from torchkeep.unpickle.allowlist import Allowlist, dangerous
 
-__all__ = ["Describe", "TreePickler", "render_path"]
+__all__ = ["REDUCED_TYPES", "Describe", "TreePickler", "reduction", "render_path"]
+
+#: Standard-library types the default allowlist reads and both picklers write through
+#: their own ``__reduce_ex__(2)`` (each names only allowlisted globals).
+REDUCED_TYPES = (
+    argparse.Namespace, slice, decimal.Decimal, datetime.datetime, datetime.date,
+    datetime.time, datetime.timedelta, datetime.timezone, pathlib.PurePosixPath,
+    pathlib.PureWindowsPath, pathlib.PosixPath, pathlib.WindowsPath,
+)
+_READABLE = Allowlist().names
+
+
+def reduction(obj: Any, protocol: int = 2) -> tuple[Any, tuple[Any, ...], Any, bool]:
+    """``(callable, args, state, newobj)`` of one of REDUCED_TYPES from its
+    ``__reduce_ex__(protocol)``; ``newobj`` when pickle writes it as NEWOBJ of the class.
+    (Protocol 2 is torch.save's, which drops a datetime's ``fold``; 4 keeps it.)"""
+    reduced: tuple[Any, ...] = obj.__reduce_ex__(protocol)
+    func, args = reduced[0], tuple(reduced[1])
+    state = reduced[2] if len(reduced) > 2 else None
+    if func is copyreg.__newobj__:  # type: ignore[attr-defined]
+        return args[0], args[1:], state, True
+    return func, args, state, False
 
 #: Turns a foreign object (a torch.Tensor, torch.Size ...) into a torchkeep placeholder,
 #: or returns None when it is not supported.
@@ -125,6 +160,8 @@ class TreePickler:
             StorageView: self._storage_view,
             _FreshTupleOf: self._fresh_tuple,
             _FreshDict: self._fresh_dict,
+            PickledObject: self._pickled_object,
+            **dict.fromkeys(REDUCED_TYPES, self._reduced),
         }
 
     # -- entry points ----------------------------------------------------------------------
@@ -381,6 +418,43 @@ class TreePickler:
     def _complex(self, obj: complex) -> None:
         # copyreg's dispatch_table reduces complex to complex(real, imag)
         self._reduce_call("__builtin__", "complex", (obj.real, obj.imag), obj)
+
+    def _reduced(self, obj: Any) -> None:
+        """A standard-library value the default allowlist reads (Namespace, paths, datetimes,
+        Decimal, slice), written as the C pickler writes its ``__reduce_ex__(2)``."""
+        func, args, state, newobj = reduction(obj)
+        self._class_global(func)
+        self._fresh_tuple(args)
+        self.out += b"\x81" if newobj else b"R"
+        self._put(obj)
+        if state is not None:
+            self._child("<attributes>", state)
+            self.out += b"b"
+
+    def _class_global(self, cls: Any) -> None:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name not in _READABLE:
+            raise self.fail(f"cannot save a reference to {name}")
+        self._global(cls.__module__, cls.__qualname__)
+
+    def _pickled_object(self, obj: PickledObject) -> None:
+        """An inert record, written back as its own global called with its arguments."""
+        if dangerous(obj.qualname) or not obj.module or "\n" in obj.qualname:
+            raise self.fail(f"{obj.qualname} runs code: an inert record of it is not saved")
+        self._global(obj.module, obj.name)
+        self._child("<args>", _FreshTupleOf(obj.args))
+        self.out += b"R"
+        self._put(obj)
+        if obj.items:
+            self.out += _MARK
+            for i, item in enumerate(obj.items):
+                self._child(i, item)
+            self.out += b"e"
+        if obj.dict_items:
+            self._dict_items_iter(list(obj.dict_items))
+        if obj.state is not None:
+            self._child("<state>", obj.state)
+            self.out += b"b"
 
     def _reduce_call(self, module: str, name: str, args: tuple[Any, ...], obj: Any) -> None:
         self._global(module, name)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torchkeep.dtypes import DType
-from torchkeep.errors import CorruptCheckpointError, FormatError, UnsafeCheckpointError
+from torchkeep.errors import CorruptCheckpointError, FormatError, UnsafeCheckpointError, shown
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe, TreePickler
 from torchkeep.limits import DEFAULT_LIMITS, Limits
@@ -87,7 +87,7 @@ def _read_legacy(data: Any, source: Source, allowlist: Allowlist, limits: Limits
         raise CorruptCheckpointError("invalid magic number", source=source.name)
     version = header("protocol version")
     if version != PROTOCOL_VERSION:
-        raise CorruptCheckpointError(f"unsupported legacy protocol version {version!r}",
+        raise CorruptCheckpointError(f"unsupported legacy protocol version {shown(version)}",
                                      source=source.name)
     sys_info = header("sys_info")
     storages: dict[str, StorageRef] = {}

@@ -7,7 +7,10 @@ keys are strings, else ``[key, value]`` pairs), ``$odict`` (with ``$metadata``),
 ``$tuple``, ``$set``, ``$frozenset``, ``$int`` and ``$float`` (big or non-finite, as
 text), ``$complex``, ``$bytes`` / ``$bytearray`` (base64), ``$size``, ``$dtype``,
 ``$device``, ``$tensor`` / ``$ndarray`` (a name the file resolves, plus view fields),
-``$ndbytes`` and ``$npscalar`` (numpy data without a torch dtype, base64).
+``$ndbytes`` and ``$npscalar`` (numpy data without a torch dtype, base64), ``$counter``,
+and ``$reduce`` for the standard-library values the pickle reader takes (Namespace,
+paths, datetimes, Decimal, slice: ``{"$reduce": "datetime.date", "args": [...]}``), built
+back by the same checked constructors.
 """
 
 from __future__ import annotations
@@ -15,17 +18,31 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from torchkeep import dtypes
-from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
-from torchkeep.formats.pickler import Describe, render_path
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+    UnsupportedTypeError,
+    shown,
+)
+from torchkeep.formats.pickler import REDUCED_TYPES, Describe, reduction, render_path
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.tree import Device, Size, StorageRef, TensorRef, join_path, plain_attribute_name
+from torchkeep.tree import (
+    Device,
+    PickledObject,
+    Size,
+    StorageRef,
+    TensorRef,
+    join_path,
+    plain_attribute_name,
+)
+from torchkeep.unpickle.allowlist import Allowlist, build
 
 __all__ = ["TREE_VERSION", "TreeDecoder", "TreeEncoder", "contiguous_strides", "dump_tree"]
 
@@ -125,6 +142,10 @@ class TreeDecoder:
     def tagged(self, tag: str, body: Any, whole: dict[str, Any], depth: int) -> Any:
         if tag == "$dict":
             return dict(self.pairs(body, depth))
+        if tag == "$counter":
+            return Counter(dict(self.pairs(body, depth)))
+        if tag == "$reduce":
+            return self.reduced(body, whole, depth)
         if tag == "$odict":
             result: Any = OrderedDict(self.pairs(body, depth))
             if "$metadata" in whole:
@@ -159,24 +180,53 @@ class TreeDecoder:
             return self.tensor_node(tag, body, whole, depth)
         if tag == "$same":
             if not isinstance(body, str) or body not in self.same:
-                raise self.fail(f"$same refers to {body!r}, which comes nowhere before it")
+                raise self.fail(f"$same refers to {shown(body)}, which comes nowhere before it")
             return self.same[body]
         if tag == "$ndbytes":
-            dtype = np.dtype(whole["npdtype"])
-            if dtype.hasobject:
-                raise self.fail("object arrays are not allowed")
+            dtype = dtypes.plain_numpy_dtype(whole["npdtype"])
             raw = base64.b64decode(body, validate=True)
             shape = tuple(int(s) for s in whole["shape"])
             if len(raw) != math.prod(shape) * dtype.itemsize:
                 raise self.fail("numpy array bytes do not match its shape")
             return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
         if tag == "$npscalar":
-            dtype = np.dtype(whole["npdtype"])
+            dtype = dtypes.plain_numpy_dtype(whole["npdtype"])
             raw = base64.b64decode(body, validate=True)
-            if dtype.hasobject or len(raw) != dtype.itemsize:
+            if len(raw) != dtype.itemsize:
                 raise self.fail("bad numpy scalar")
             return np.frombuffer(raw, dtype=dtype)[0]
-        raise self.fail(f"unknown tag {tag!r}")
+        raise self.fail(f"unknown tag {shown(tag)}")
+
+    def reduced(self, name: Any, whole: dict[str, Any], depth: int) -> Any:
+        """A standard-library value (``{"$reduce": "datetime.date", "args": [...]}``), built
+        by the same checked code the pickle reader uses for that global."""
+        if name not in _REDUCED_NAMES:
+            raise self.fail(f"$reduce of {str(name)[:60]!r}, which is not a value torchkeep "
+                            "reads")
+        entry = _DEFAULT_ALLOWLIST.entry(name)
+        args = tuple(self.node(v, depth + 1) for v in whole.get("args", []))
+        machine = _Checks(self)
+        try:
+            value = (entry.new if whole.get("new") else entry.call)(machine, args)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise self.fail(f"bad {name} arguments ({e})") from None
+        if "state" in whole:
+            value = build(machine, value,  # type: ignore[arg-type]
+                          self.node(whole["state"], depth + 1))
+        return value
+
+
+class _Checks:
+    """What the allowlist's checked constructors ask of the reader running them."""
+
+    def __init__(self, decoder: TreeDecoder) -> None:
+        self.fail = decoder.fail
+        self.allowlist = _DEFAULT_ALLOWLIST
+
+
+_DEFAULT_ALLOWLIST = Allowlist()
+_REDUCED_NAMES = frozenset(f"{t.__module__}.{t.__qualname__}" for t in REDUCED_TYPES)
+
 
 def _hashable(value: Any) -> Any:
     if isinstance(value, list):
@@ -278,6 +328,8 @@ class TreeEncoder:
             return {"$set": [self.key(v) for v in obj]}
         if type(obj) is frozenset:
             return {"$frozenset": [self.key(v) for v in obj]}
+        if type(obj) is Counter:
+            return {"$counter": self.items(obj)}
         if isinstance(obj, dict):
             return {"$dict": self.items(obj)}
         placeholder = self.describe(obj) if self.describe is not None else None
@@ -303,6 +355,11 @@ class TreeEncoder:
             return {"$bytearray": base64.b64encode(obj).decode("ascii")}
         if isinstance(obj, np.ndarray):
             return self.ndarray(obj)
+        if isinstance(obj, REDUCED_TYPES):
+            return self.reduced(obj)
+        if isinstance(obj, PickledObject):
+            raise self.fail(f"an inert {obj.qualname} record is saved only in the torch "
+                            "formats (format='torch' or 'torch-legacy'), which name its global")
         if isinstance(obj, np.generic):
             if obj.dtype.hasobject:
                 raise self.fail("numpy object scalars cannot be saved")
@@ -318,6 +375,22 @@ class TreeEncoder:
         raise self.fail(
             f"unsupported type {type(original).__module__}.{type(original).__qualname__}"
         )
+
+    def reduced(self, obj: Any) -> Any:
+        """``{"$reduce": "module.Name", "args": [...], "state": ...}`` from the value's own
+        ``__reduce_ex__(2)`` (``"new": true`` where pickle would use NEWOBJ)."""
+        func, args, state, newobj = reduction(obj, protocol=4)  # keeps a datetime's fold
+        node: dict[str, Any] = {"$reduce": f"{func.__module__}.{func.__qualname__}"}
+        if newobj:
+            node["new"] = True
+        self.path.append("<args>")
+        node["args"] = [self.encode(a) for a in args]
+        self.path.pop()
+        if state is not None:
+            self.path.append("<attributes>")
+            node["state"] = self.encode(state)
+            self.path.pop()
+        return node
 
     def _repeat(self, original: Any) -> Any:
         """The node for an object already encoded: ``{"$same": name}`` (the first node

@@ -24,7 +24,7 @@ import numpy as np
 
 from torchkeep import dtypes
 from torchkeep.dtypes import DType
-from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError
+from torchkeep.errors import CorruptCheckpointError, UnsafeCheckpointError, shown
 from torchkeep.tree import (
     Device,
     PickledObject,
@@ -336,7 +336,7 @@ def _rebuild_parameter_with_state(m: Machine, args: tuple[Any, ...]) -> TensorRe
 def _rebuild_from_type_v2(m: Machine, args: tuple[Any, ...]) -> Any:
     func, new_type, func_args, state = args
     if not isinstance(new_type, Entry) or new_type.qualname not in _TENSOR_CLASSES:
-        raise m.fail(f"tensor subclass {new_type!r} is not supported")
+        raise m.fail(f"tensor subclass {shown(new_type)} is not supported")
     result = m.call(func, func_args, "REDUCE")
     tensor = _tensor_arg(m, result, "_rebuild_from_type_v2 result")
     if new_type.qualname == "torch.nn.parameter.Parameter" and not tensor.parameter:
@@ -443,7 +443,7 @@ def _rebuild_device_tensor_from_cpu_tensor(m: Machine, args: tuple[Any, ...]) ->
     data, _dtype, device, requires_grad = args
     tensor = _tensor_arg(m, data, "cpu tensor")
     if type(device) is not str or not LOCATION.match(device):
-        raise m.fail(f"bad device string {device!r}")
+        raise m.fail(f"bad device string {shown(device)}")
     return tensor.with_(device=device, requires_grad=_bool(m, requires_grad, "requires_grad"))
 
 
@@ -652,13 +652,67 @@ def _decimal(m: Machine, args: tuple[Any, ...]) -> decimal.Decimal:
 
 
 def _reconstructor(m: Machine, args: tuple[Any, ...]) -> Any:
-    # copyreg._reconstructor(cls, base, state), used by protocols 0 and 1.
+    # copyreg._reconstructor(cls, base, state), which protocols 0 and 1 use for instances
+    # of classes: base.__new__(cls, state), then base.__init__(obj, state) for dict/list
     cls, base, state = args
     if not isinstance(cls, Entry) or cls.new is None:
         raise m.fail("copyreg._reconstructor of a class that is not allowed")
-    if not isinstance(base, Entry) or base.qualname != "builtins.object" or state is not None:
-        raise m.fail("copyreg._reconstructor is only supported with base object")
-    return cls.new(m, ())
+    kind = base.qualname if isinstance(base, Entry) else None
+    if kind == "builtins.object" and state is None:
+        return cls.new(m, ())
+    if kind == "builtins.dict" and isinstance(state, dict):
+        obj = cls.new(m, ())
+        m.allowlist.set_items(m, obj, [x for pair in state.items() for x in pair])
+        return obj
+    if kind == "builtins.list" and isinstance(state, list):
+        obj = cls.new(m, ())
+        m.allowlist.extend_items(m, obj, list(state))
+        return obj
+    raise m.fail("copyreg._reconstructor is supported with base object, dict or list")
+
+
+# -- plain type constructors with plain arguments (Python 2 pickles name them) --
+
+_PLAIN = (int, float, str, bool, type(None), bytes, complex)
+_ITERABLES = (list, tuple, set, frozenset, dict, str, bytes)
+
+
+def _plain_args(m: Machine, args: tuple[Any, ...], kinds: tuple[type, ...], what: str,
+                most: int = 1) -> None:
+    if len(args) > most or any(type(a) not in kinds for a in args):
+        raise m.fail(f"{what} takes at most {most} argument(s) of plain types, got "
+                     f"{[type(a).__name__ for a in args]}")
+
+
+def _dict(m: Machine, args: tuple[Any, ...]) -> dict[Any, Any]:
+    _plain_args(m, args, (dict, list, tuple), "dict")
+    if not args:
+        return {}
+    pairs = args[0].items() if isinstance(args[0], dict) else args[0]
+    result = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise m.fail("dict takes (key, value) pairs")
+        result[m.key(pair[0])] = pair[1]
+    return result
+
+
+def _sequence(kind: type) -> Call:
+    def make(m: Machine, args: tuple[Any, ...]) -> Any:
+        _plain_args(m, args, _ITERABLES, kind.__name__)
+        return kind(args[0]) if args else kind()
+
+    return make
+
+
+def _number(kind: type) -> Call:
+    def make(m: Machine, args: tuple[Any, ...]) -> Any:
+        _plain_args(m, args, _PLAIN, kind.__name__, most=2 if kind is int else 1)
+        if kind is not int and any(type(a) in (bytes, complex) for a in args):
+            raise m.fail(f"{kind.__name__} of bytes or complex is not supported")
+        return kind(*args)
+
+    return make
 
 
 def _newobj_func(m: Machine, args: tuple[Any, ...]) -> Any:
@@ -678,25 +732,13 @@ def _np_reconstruct(m: Machine, args: tuple[Any, ...]) -> _PendingArray:
     return _PendingArray()
 
 
-_NUMPY_DTYPE_SPEC = re.compile(r"[<>|=]?[A-Za-z?][0-9]{0,6}\Z")
-
-
 def _np_dtype(m: Machine, args: tuple[Any, ...]) -> _PendingDType:
     if not args or type(args[0]) is not str or len(args) > 3:
         raise m.fail("numpy.dtype takes (spec, align, copy)")
-    spec = args[0]
-    # what numpy pickles: a kind letter and an item size ('f8', 'S5'); numpy's own parser
-    # would take far more (shapes, comma lists) and raise anything from SyntaxError on
-    if not _NUMPY_DTYPE_SPEC.match(spec) or spec.lstrip("<>|=")[:1] in "OMm":
-        raise m.fail(f"numpy dtype {spec[:40]!r} is not allowed (only plain kinds and sizes; "
-                     "no object or time dtypes)")
     try:
-        base = np.dtype(spec)
-    except (TypeError, ValueError) as e:
-        raise m.fail(f"bad numpy dtype {spec!r}") from e
-    if base.hasobject or base.names is not None or base.itemsize == 0:
-        raise m.fail(f"numpy dtype {spec!r} is not allowed")
-    return _PendingDType(base)
+        return _PendingDType(dtypes.plain_numpy_dtype(args[0]))
+    except ValueError as e:
+        raise m.fail(str(e)) from None
 
 
 def _finish_dtype(m: Machine, pending: _PendingDType, state: Any) -> np.dtype[Any]:
@@ -706,7 +748,7 @@ def _finish_dtype(m: Machine, pending: _PendingDType, state: Any) -> np.dtype[An
     if subarray is not None or names is not None or fields is not None:
         raise m.fail("structured and sub-array numpy dtypes are not supported")
     if byteorder not in ("<", ">", "|", "="):
-        raise m.fail(f"bad numpy byte order {byteorder!r}")
+        raise m.fail(f"bad numpy byte order {shown(byteorder)}")
     base = pending.base
     return base if byteorder in ("|", "=") else base.newbyteorder(byteorder)
 
@@ -865,6 +907,11 @@ def _default_table() -> dict[str, Any]:
     add("builtins.complex", _complex, _complex)
     add("builtins.slice", _slice)
     table["builtins.object"] = _marker("builtins.object")
+    add("builtins.dict", _dict, _empty(dict))
+    add("builtins.list", _sequence(list), _empty(list))
+    add("builtins.tuple", _sequence(tuple))
+    for number in (int, float, str, bool):
+        add(f"builtins.{number.__name__}", _number(number))
     add("_codecs.encode", _codecs_encode)
     add("copyreg._reconstructor", _reconstructor)
     add("copyreg.__newobj__", _newobj_func)
@@ -911,6 +958,8 @@ class Allowlist:
     def _add(self, spec: AllowSpec) -> None:
         if isinstance(spec, str):
             module, _, name = spec.rpartition(".")
+            if f"{canonical(module)}.{name}" in _DEFAULT_TABLE:
+                return  # allowed already (__builtin__.dict is builtins.dict)
             self._check_allowable(module, spec)
             self._table[spec] = self._inert(module, name)
             return
@@ -950,6 +999,11 @@ class Allowlist:
 
         return Entry(f"{module}.{name}", call=make, new=make)
 
+    def entry(self, qualname: str) -> Any:
+        """What ``module.name`` resolves to (an Entry, a dtype, a storage class), or None."""
+        module, _, name = qualname.rpartition(".")
+        return self._table.get(f"{canonical(module)}.{name}")
+
     def user_class(self, kind: type) -> Entry | None:
         """The allow= entry for instances of ``kind``, if the caller allowed that class."""
         return self._user_classes.get(kind)
@@ -974,7 +1028,7 @@ class Allowlist:
     def set_items(self, m: Machine, target: Any, items: list[Any]) -> None:
         """SETITEM(S) onto something that is not a plain dict."""
         if isinstance(target, PickledObject):
-            target.items.extend(zip(items[::2], items[1::2], strict=True))
+            target.dict_items.extend(zip(items[::2], items[1::2], strict=True))
         elif isinstance(target, dict) and type(target) in self._user_classes:
             for i in range(0, len(items), 2):
                 target[m.key(items[i])] = items[i + 1]
