@@ -285,9 +285,12 @@ def load(
     ``f``: a path, a binary file object or bytes; the format is found from the content
     (torch zip, legacy torch, safetensors, a plain pickle, a torchkeep step directory).
     ``map_location`` has torch.load's meaning (str, torch.device, dict, callable).
-    ``mmap``: None maps a local file when possible (tensors are copy-on-write views of
-    the file, read on first touch); False forces private copies (for files that may
-    change while the tensors live); True requires mapping. ``backend="numpy"`` returns
+    ``mmap``: None copies the tensor bytes (read in parallel), so a file another program
+    rewrites in place (as torch.save does) cannot change or crash the tensors; it maps
+    the data files of step directories, which are never rewritten in place. True maps a
+    local file copy-on-write (zero-copy, read on first touch; like torch.load(mmap=True),
+    touching a tensor of a file truncated in place kills the process with SIGBUS); False
+    always copies. ``backend="numpy"`` returns
     numpy arrays and works without torch installed. ``allow`` admits extra globals
     (see UnsafeCheckpointError); ``limits`` raises parser limits for trusted files.
     """

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from torchkeep.errors import FormatError
+from torchkeep.formats.loader import StorageLoader
 from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.loader import StorageLoader
 from torchkeep.tree import SparseRef, StorageView, TensorRef, map_tree
 
 __all__ = ["NumpyMaterializer", "QuantizedArray", "SparseArray", "tensor_to_numpy"]
@@ -119,4 +119,5 @@ class NumpyMaterializer:
 
     def tree(self, *, limits: Limits = DEFAULT_LIMITS) -> Any:
         """The whole tree with numpy values in place of placeholders."""
+        self.loader.prefetch()
         return map_tree(self.parsed.tree, self.convert, limits=limits)

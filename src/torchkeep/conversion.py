@@ -21,11 +21,11 @@ from torchkeep.api import DEFAULT_SAVE, Describer, SaveOptions, parse, resolve_f
 from torchkeep.arrays import tensor_to_numpy
 from torchkeep.dtypes import DType
 from torchkeep.errors import UnsupportedTypeError
+from torchkeep.formats.loader import StorageLoader
 from torchkeep.formats.parsed import Parsed
 from torchkeep.formats.treejson import contiguous_strides
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.atomic import write_atomically
-from torchkeep.storage.loader import StorageLoader
 from torchkeep.tree import StorageRef, TensorRef, iter_tensors, join_path, map_tree
 
 __all__ = ["ConversionResult", "convert", "parse_size", "select"]

@@ -23,9 +23,9 @@ from torchkeep.errors import (
     FormatError,
     UnsupportedTypeError,
 )
+from torchkeep.formats.loader import StorageLoader
 from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.loader import StorageLoader
 from torchkeep.tree import (
     Device,
     SparseRef,
@@ -286,6 +286,7 @@ class TorchMaterializer:
 
     def tree(self, *, limits: Limits = DEFAULT_LIMITS) -> Any:
         """The whole tree with torch values in place of placeholders."""
+        self.loader.prefetch()
         return map_tree(self.parsed.tree, self.convert, limits=limits)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.formats.parsed import Parsed
-from torchkeep.formats.torch_legacy import stream_bytes
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
 from torchkeep.unpickle import Allowlist, unpickle
@@ -16,7 +15,9 @@ def read_plain_pickle(
     source: Source, *, allowlist: Allowlist, limits: Limits = DEFAULT_LIMITS
 ) -> Parsed:
     """Parse a plain pickle (no torch storages) into its value; nothing is executed."""
-    result = unpickle(stream_bytes(source), allowlist=allowlist, limits=limits, what="pickle")
+    limits.check("max_pickle_bytes", source.size, "pickle size")
+    result = unpickle(source.read(0, source.size), allowlist=allowlist, limits=limits,
+                      what="pickle")
     trailing = source.size - result.end
     if trailing:
         raise CorruptCheckpointError(

@@ -32,18 +32,13 @@ def is_legacy(head: bytes) -> bool:
     return head.startswith(_MAGIC_PICKLE)
 
 
-def _mapped_bytes(source: Source) -> Any | None:
-    """The whole input as an indexable, searchable object without reading it through (the
-    bytes of an in-memory input, a read-only map of a local file); None for streams."""
+def stream_bytes(source: Source) -> Any:
+    """The whole input as an indexable, searchable object (a read-only map for files:
+    for ``scan``, which accepts that a file truncated under it crashes the process)."""
     memory = source.memory()
     if memory is not None:
         return bytes(memory)
-    return source.read_only_map()
-
-
-def stream_bytes(source: Source) -> Any:
-    """The whole input as an indexable, searchable object (a read-only map for files)."""
-    whole = _mapped_bytes(source)
+    whole = source.read_only_map()
     return whole if whole is not None else source.read(0, source.size)
 
 
@@ -55,12 +50,13 @@ def read_torch_legacy(
 ) -> Parsed:
     """Parse a legacy-format checkpoint into placeholders.
 
-    The pickles come first and the storages after them; a stream that cannot be mapped is
-    read in growing prefixes until the pickles fit, so its tensor bytes are never read.
+    The pickles come first and the storages after them; the input is read in growing
+    prefixes until the pickles fit, so its tensor bytes are never read (nor mapped: a
+    map of a file rewritten in place would crash the process).
     """
-    whole = _mapped_bytes(source)
-    if whole is not None:
-        return _read_legacy(whole, source, allowlist, limits)
+    memory = source.memory()
+    if memory is not None:
+        return _read_legacy(bytes(memory), source, allowlist, limits)
     size = min(source.size, _FIRST_PREFIX)
     while True:
         try:
@@ -70,7 +66,9 @@ def read_torch_legacy(
             # the whole input's error is the input's own
             if size >= source.size:
                 raise
-            size = min(source.size, size * 4)
+            # a failed prefix costs a parse of its length: grow fast, and take the whole
+            # file once half of it would be read anyway
+            size = size * 8 if size * 16 < source.size else source.size
 
 
 def _read_legacy(data: Any, source: Source, allowlist: Allowlist, limits: Limits) -> Parsed:

@@ -17,6 +17,10 @@ from torchkeep.errors import (
 __all__ = ["Source", "open_source"]
 
 
+_SMALL_READ = 4096
+_READ_AHEAD = 256 << 10
+
+
 class Source:
     """The bytes of one input, read by absolute offset, bounded by the real size.
 
@@ -44,8 +48,8 @@ class Source:
         self._buffer = buffer
         self._base = base
         self._map: mmap.mmap | None = None
-        self._read_map: memoryview | None = None
-        self._reads = 0
+        self._window = b""  # read-ahead for small reads: bytes at _window_at
+        self._window_at = 0
 
     # -- reading --------------------------------------------------------------------------
 
@@ -61,9 +65,15 @@ class Source:
         self._check(offset, n)
         if self._buffer is not None:
             return bytes(self._buffer[offset : offset + n])
-        view = self._read_view()
-        if view is not None:
-            return bytes(view[offset : offset + n])
+        if n <= _SMALL_READ and self._fd is not None:
+            start = offset - self._window_at
+            if start < 0 or start + n > len(self._window):
+                # a zip's local headers are read one by one, in file order: one pread of
+                # the next 256 KiB serves the ones that follow (5 us a pread otherwise)
+                ahead = bytearray(min(_READ_AHEAD, self.size - offset))
+                self.readinto(offset, memoryview(ahead))
+                self._window, self._window_at, start = bytes(ahead), offset, 0
+            return self._window[start : start + n]
         buf = bytearray(n)
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
@@ -100,20 +110,10 @@ class Source:
                 source=self.name,
             )
 
-    def _read_view(self) -> memoryview | None:
-        # Many small reads (a zip directory of thousands of records) go through a
-        # read-only map of a local file: one pread per header cost 5 us a record.
-        if self._read_map is not None:
-            return self._read_map
-        self._reads += 1
-        if self._reads < 8 or self._fd is None or self.size == 0:
-            return None
-        try:
-            mapped = mmap.mmap(self._fd, self._base + self.size, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            return None
-        self._read_map = memoryview(mapped)[self._base : self._base + self.size]
-        return self._read_map
+    @property
+    def parallel_reads(self) -> bool:
+        """True when several threads may ``readinto`` at once (a file descriptor: pread)."""
+        return self._fd is not None
 
     def memory(self) -> memoryview | None:
         """The whole input as a read-only buffer when it is already in memory."""
@@ -122,7 +122,9 @@ class Source:
     def read_only_map(self) -> mmap.mmap | None:
         """A read-only map of the whole input when it is a non-empty local file, else None.
 
-        Unlike ``mapping`` it supports ``find``, which the pickle readers use.
+        Unlike ``mapping`` it supports ``find``, which the pickle readers use. Only for
+        short-lived reads where a crash is acceptable (``scan``): touching a page of a
+        file truncated in place under the map raises SIGBUS.
         """
         if self._fd is None or self.size == 0 or self._base:
             return None

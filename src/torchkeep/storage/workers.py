@@ -11,10 +11,12 @@ _workers: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 
 
-def worker(name: str) -> ThreadPoolExecutor:
-    """The one-thread executor called ``name`` (threads are named torchkeep-<name>)."""
+def worker(name: str, threads: int = 1) -> ThreadPoolExecutor:
+    """The executor called ``name`` with ``threads`` threads (named torchkeep-<name>),
+    made on first use."""
     with _lock:
         found = _workers.get(name)
         if found is None:
-            found = _workers[name] = ThreadPoolExecutor(1, thread_name_prefix=f"torchkeep-{name}")
+            found = _workers[name] = ThreadPoolExecutor(threads,
+                                                        thread_name_prefix=f"torchkeep-{name}")
         return found

@@ -1,7 +1,9 @@
-"""One storage's bytes: a copy-on-write memory-map slice or a private copy, in native order."""
+"""One storage's bytes: a private copy (read in parallel) or a copy-on-write map slice."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import wait
 from typing import Any
 
 import numpy as np
@@ -9,18 +11,29 @@ import numpy as np
 from torchkeep.errors import CorruptCheckpointError, StorageError
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.storage.source import Source
+from torchkeep.storage.workers import worker
 from torchkeep.tree import StorageRef
 
 __all__ = ["StorageLoader"]
+
+#: Reads below this many bytes in all are not worth handing to threads.
+_PARALLEL_BYTES = 8 << 20
+#: A big record is read in pieces of this size, so the threads share it.
+_PIECE_BYTES = 16 << 20
+_READERS = max(2, min(4, os.cpu_count() or 1))
 
 
 class StorageLoader:
     """Hands out each root storage's bytes once, as a writable uint8 numpy array.
 
-    ``mmap=None`` maps a local file when every record can be mapped (stored, native byte
-    order); ``True`` requires mapping; ``False`` always copies (for files that may
-    change while the tensors live). Arrays are cached per storage key, so tensors that
-    share a storage share memory.
+    ``mmap=None`` copies the bytes of a file (so another program rewriting the file in
+    place, as torch.save does, can neither change nor crash the tensors) and maps the
+    data files of a step directory (the manager never rewrites a committed step in place;
+    a deleted one stays readable while mapped). ``True`` maps a local file copy-on-write:
+    nothing is read until touched, but a file truncated in place under the map kills the
+    process with SIGBUS when a tensor is touched (as with torch.load(mmap=True)).
+    ``False`` always copies. Arrays are cached per storage key, so tensors that share a
+    storage share memory. ``prefetch`` reads every copied storage at once, in parallel.
     """
 
     def __init__(self, parsed: Parsed, *, mmap: bool | None = None) -> None:
@@ -39,10 +52,43 @@ class StorageLoader:
                 else "its tensor bytes are not in this machine's byte order"
             )
             raise StorageError(f"mmap=True is not possible: {why}", source=parsed.source.name)
-        self.use_mmap = mappable if mmap is None else bool(mmap)
+        if mmap is None:
+            self.use_mmap = mappable and parsed.format == "torchkeep"
+        else:
+            self.use_mmap = bool(mmap)
         self.require_mmap = mmap is True
         self._mapped: dict[int, np.ndarray[Any, Any]] = {}
         self._cache: dict[str, np.ndarray[Any, Any]] = {}
+        self._read_ahead: dict[str, np.ndarray[Any, Any]] = {}
+
+    def prefetch(self) -> None:
+        """Read every stored record that will be copied, with several threads (the
+        kernel's copy and the page faults of the new buffers run side by side)."""
+        if self.use_mmap:
+            return
+        jobs: list[tuple[Source, int, memoryview]] = []
+        total = 0
+        for key, record in self.parsed.records.items():
+            source = record.source or self.parsed.source
+            if (record.offset is None or not record.nbytes or key in self._cache
+                    or key in self._read_ahead or source.memory() is not None
+                    or not source.parallel_reads):
+                continue
+            out = np.empty(record.nbytes, dtype=np.uint8)
+            self._read_ahead[key] = out
+            view = out.data  # a memoryview of the new buffer
+            for start in range(0, record.nbytes, _PIECE_BYTES):
+                jobs.append((source, record.offset + start, view[start : start + _PIECE_BYTES]))
+            total += record.nbytes
+        if total < _PARALLEL_BYTES:
+            for source, offset, view in jobs:
+                source.readinto(offset, view)
+            return
+        pool = worker("read", _READERS)
+        futures = [pool.submit(source.readinto, offset, view) for source, offset, view in jobs]
+        wait(futures)  # all of them, even after a failure: none may outlive the source
+        for future in futures:
+            future.result()
 
     def _whole_map(self, source: Source) -> np.ndarray[Any, Any]:
         found = self._mapped.get(id(source))
@@ -63,7 +109,8 @@ class StorageLoader:
                 f"storage {root.key!r} needs {root.nbytes} bytes, its record has {record.nbytes}",
                 source=self.parsed.source.name,
             )
-        data = self._read(record)
+        ahead = self._read_ahead.pop(root.key, None)
+        data = ahead if ahead is not None else self._read(record)
         if self.parsed.verify is not None:
             self.parsed.verify(root, data.data)
         if not self.parsed.native_order and swap_itemsize > 1:
