@@ -1530,8 +1530,13 @@ def test_open_and_inspect_describe_sparse_tensors_alike(legacy: bool, tmp_path: 
     }
     with torchkeep.open(path) as handle:
         assert {n: (i.dtype, i.shape, i.nbytes) for n, i in handle.tensors.items()} == expected
+        opened = list(handle.tensors.values())
     report = torchkeep.inspect(path)
     assert {t.name: (t.dtype, t.shape, t.nbytes) for t in report.tensors} == expected
+    # one type for both: the same description, device and layout included
+    assert all(isinstance(t, torchkeep.TensorInfo) for t in report.tensors)
+    assert opened == report.tensors
+    assert [(t.device, t.layout) for t in opened] == [("cpu", "sparse_coo"), ("cpu", "sparse_csr")]
 
 
 @pytest.mark.parametrize("fmt", [

@@ -27,10 +27,10 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from torchkeep.handle import CheckpointHandle, TensorInfo
+from torchkeep.handle import CheckpointHandle
 from torchkeep.handle import open_checkpoint as open
 from torchkeep.limits import Limits
-from torchkeep.tree import Device, PickledObject, Size, TensorRef
+from torchkeep.tree import Device, PickledObject, Size, TensorInfo, TensorRef
 
 if TYPE_CHECKING:
     from torchkeep.comparison import compare

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from torchkeep.api import Backend, materializer, parse
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.tree import SparseRef, TensorRef, iter_tensors, join_path
+from torchkeep.tree import TensorInfo, iter_tensors
 from torchkeep.unpickle import AllowSpec
 
-__all__ = ["CheckpointHandle", "TensorInfo", "open_checkpoint"]
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """What a checkpoint records about one tensor, without its bytes."""
-
-    name: str
-    path: tuple[Any, ...]
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    location: str
-    ref: TensorRef | SparseRef
+__all__ = ["CheckpointHandle", "open_checkpoint"]
 
 
 class CheckpointHandle:
@@ -42,14 +28,9 @@ class CheckpointHandle:
         self._materializers: dict[tuple[str, Any, Any], Any] = {}
         infos: dict[str, TensorInfo] = {}
         for path, leaf in iter_tensors(self._parsed.tree, limits=limits):
-            name = join_path(path)
-            if isinstance(leaf, TensorRef):
-                info = TensorInfo(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes,
-                                  leaf.location, leaf)
-            else:
-                info = TensorInfo(name, path, leaf.dtype.name, leaf.size, leaf.nbytes, "cpu",
-                                  leaf)
-            infos.setdefault(name, info)
+            info = TensorInfo.of(path, leaf)
+            if info is not None:
+                infos.setdefault(info.name, info)
         self._tensors = infos
 
     # -- metadata -------------------------------------------------------------------------

@@ -17,30 +17,14 @@ from torchkeep.tree import (
     Device,
     PickledObject,
     Size,
-    SparseRef,
-    StorageView,
     Symbol,
-    TensorRef,
+    TensorInfo,
     join_path,
     walk_tree,
 )
 from torchkeep.unpickle import AllowSpec
 
-__all__ = ["Inspection", "SharedRef", "TensorEntry", "ValueEntry", "inspect", "leaves"]
-
-
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """A tensor as ``inspect`` lists it."""
-
-    name: str
-    path: tuple[Any, ...]
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    device: str
-    requires_grad: bool = False
-    parameter: bool = False
+__all__ = ["Inspection", "SharedRef", "ValueEntry", "inspect", "leaves"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +44,10 @@ class Inspection:
     path: str
     format: str
     writer: dict[str, Any]
-    tensors: list[TensorEntry] = field(default_factory=list)
+    tensors: list[TensorInfo] = field(default_factory=list)
     values: list[ValueEntry] = field(default_factory=list)
     #: tensors and values together, in tree order
-    entries: list[TensorEntry | ValueEntry] = field(default_factory=list)
+    entries: list[TensorInfo | ValueEntry] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -97,7 +81,8 @@ class Inspection:
             "by_dtype": self.by_dtype(),
             "tensors": [
                 {"name": t.name, "path": list(t.path), "dtype": t.dtype, "shape": list(t.shape),
-                 "nbytes": t.nbytes, "device": t.device, "requires_grad": t.requires_grad,
+                 "nbytes": t.nbytes, "device": t.device, "layout": t.layout,
+                 "requires_grad": t.requires_grad,
                  "parameter": t.parameter}
                 for t in self.tensors
             ],
@@ -149,25 +134,18 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _entries(tree: Any, limits: Limits) -> list[TensorEntry | ValueEntry]:
-    entries: list[TensorEntry | ValueEntry] = []
+def _entries(tree: Any, limits: Limits) -> list[TensorInfo | ValueEntry]:
+    entries: list[TensorInfo | ValueEntry] = []
     for path, leaf in leaves(tree, limits=limits):
-        name = join_path(path)
-        if isinstance(leaf, TensorRef):
-            entries.append(TensorEntry(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes,
-                                       leaf.location, leaf.requires_grad, leaf.parameter))
-        elif isinstance(leaf, SparseRef):
-            entries.append(TensorEntry(name, path, leaf.dtype.name, leaf.size, leaf.nbytes,
-                                       leaf.layout))
-        elif isinstance(leaf, StorageView):
-            entries.append(TensorEntry(name, path, leaf.dtype.name,
-                                       (leaf.storage.nbytes // leaf.dtype.itemsize,),
-                                       leaf.storage.nbytes, leaf.storage.location))
+        info = TensorInfo.of(path, leaf)
+        if info is not None:
+            entries.append(info)
         elif isinstance(leaf, np.ndarray) and leaf.dtype.kind in "biufc":
-            entries.append(TensorEntry(name, path, f"numpy.{leaf.dtype}", leaf.shape,
-                                       leaf.nbytes, "cpu"))
+            entries.append(TensorInfo(join_path(path), path, f"numpy.{leaf.dtype}",
+                                      leaf.shape, leaf.nbytes, "cpu"))
         else:
-            entries.append(ValueEntry(name, path, _short_repr(leaf), type(leaf).__name__))
+            entries.append(ValueEntry(join_path(path), path, _short_repr(leaf),
+                                      type(leaf).__name__))
     return entries
 
 
@@ -185,7 +163,7 @@ def inspect(f: Any, *, allow: Iterable[AllowSpec] = (),
                                   "torchkeep": f"<tree, {len(metadata['torchkeep'])} bytes>"}
         writer.setdefault("byteorder", parsed.byteorder)
         return Inspection(parsed.source.name, parsed.format, writer,
-                          [e for e in entries if isinstance(e, TensorEntry)],
+                          [e for e in entries if isinstance(e, TensorInfo)],
                           [e for e in entries if isinstance(e, ValueEntry)], entries)
     finally:
         parsed.close()

@@ -23,6 +23,7 @@ __all__ = [
     "StorageRef",
     "StorageView",
     "Symbol",
+    "TensorInfo",
     "TensorRef",
     "deep_recursion",
     "iter_tensors",
@@ -189,6 +190,44 @@ class SparseRef:
     def nbytes(self) -> int:
         """Bytes of all the parts together (indices and values)."""
         return sum(p.nbytes for p in self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """What a checkpoint records about one tensor, without reading its bytes.
+
+    The one description of a tensor: ``torchkeep.open(f).tensors`` and
+    ``torchkeep.inspect(f).tensors`` list these. ``device`` is where it was saved
+    (``cpu``, ``cuda:0``); ``layout`` is ``strided`` or a sparse layout; ``ref`` is the
+    placeholder it describes (what ``CheckpointHandle.tensor`` reads).
+    """
+
+    name: str
+    path: tuple[Any, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    device: str
+    layout: str = "strided"
+    requires_grad: bool = False
+    parameter: bool = False
+    ref: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, path: tuple[Any, ...], leaf: Any) -> TensorInfo | None:
+        """The description of a placeholder leaf at ``path`` (None for other values)."""
+        name = join_path(path)
+        if isinstance(leaf, TensorRef):
+            return cls(name, path, leaf.dtype.name, leaf.shape, leaf.nbytes, leaf.location,
+                       requires_grad=leaf.requires_grad, parameter=leaf.parameter, ref=leaf)
+        if isinstance(leaf, SparseRef):
+            return cls(name, path, leaf.dtype.name, leaf.size, leaf.nbytes, "cpu",
+                       layout=leaf.layout, requires_grad=leaf.requires_grad, ref=leaf)
+        if isinstance(leaf, StorageView):
+            storage = leaf.storage
+            return cls(name, path, leaf.dtype.name, (storage.nbytes // leaf.dtype.itemsize,),
+                       storage.nbytes, storage.location, ref=leaf)
+        return None
 
 
 @dataclass(eq=False, slots=True)
