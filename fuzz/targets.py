@@ -27,7 +27,7 @@ from typing import Any
 
 from torchkeep.errors import TorchkeepError
 from torchkeep.limits import Limits
-from torchkeep.unpickle.allowlist import Entry
+from torchkeep.unpickle.entries import Entry
 
 __all__ = ["TARGETS", "Finding", "check"]
 
@@ -67,7 +67,7 @@ def _source(data: bytes) -> Any:
 
 def fuzz_pickle(data: bytes) -> None:
     from torchkeep.unpickle import Allowlist, unpickle
-    from torchkeep.unpickle.allowlist import storage_pid
+    from torchkeep.unpickle.torch_globals import storage_pid
 
     unpickle(data, allowlist=Allowlist(), persistent_load=lambda pid: storage_pid(pid, 5),
              limits=LIMITS)

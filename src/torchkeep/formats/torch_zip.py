@@ -16,7 +16,7 @@ from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.source import Source
 from torchkeep.tree import StorageRef, StorageView
 from torchkeep.unpickle import Allowlist, unpickle
-from torchkeep.unpickle.allowlist import storage_pid
+from torchkeep.unpickle.torch_globals import storage_pid
 
 __all__ = ["archive_name_for", "archive_prefix", "read_torch_zip", "write_torch_zip"]
 

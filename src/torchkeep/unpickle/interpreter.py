@@ -24,7 +24,8 @@ from torchkeep.errors import (
     UnsafeCheckpointError,
 )
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.unpickle.allowlist import Allowlist, Entry, Pending, build
+from torchkeep.unpickle.allowlist import Allowlist, build
+from torchkeep.unpickle.entries import Entry, Pending
 
 __all__ = ["PickleResult", "unpickle"]
 
