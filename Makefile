@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.torchkeep-installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench fuzz install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,16 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory lint
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests $(wildcard bench)
+	$(PY) -m ruff check src tests fuzz $(wildcard bench)
 	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# every fuzz target for FUZZ_SECONDS; the long campaign: fuzz/campaign.py --runs 1000000
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(PY) fuzz/campaign.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

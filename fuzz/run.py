@@ -24,7 +24,6 @@ sys.path.insert(0, str(HERE))
 
 with atheris.instrument_imports(include=["torchkeep"]):
     import targets
-
     import torchkeep.api
     import torchkeep.arrays
     import torchkeep.formats.manifest

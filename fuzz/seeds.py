@@ -81,7 +81,6 @@ def _manifests() -> list[bytes]:
     """Step manifests whose chunks point into the data file ``fuzz_manifest`` provides."""
     sys.path.insert(0, str(ROOT / "fuzz"))
     from targets import _DATA_FILE
-
     from torchkeep.formats.manifest import checksum
 
     def entry(dtype: str, shape: list[int], offset: int, nbytes: int) -> dict[str, object]:

@@ -74,6 +74,7 @@ def fuzz_pickle(data: bytes) -> None:
 
 
 def fuzz_zip(data: bytes) -> None:
+    from torchkeep.errors import IntegrityError
     from torchkeep.formats.torch_zip import read_torch_zip
     from torchkeep.formats.ziparchive import ZipArchive
     from torchkeep.unpickle import Allowlist
@@ -81,8 +82,18 @@ def fuzz_zip(data: bytes) -> None:
     archive = ZipArchive(_source(data), limits=LIMITS)
     for name in archive.order[:16]:
         if archive.members[name].size <= 1 << 20:
-            archive.read(name)
-    _materialize(read_torch_zip(_source(data), allowlist=Allowlist(), limits=LIMITS))
+            archive.read(name, verify=False)
+    try:
+        _materialize(read_torch_zip(_source(data), allowlist=Allowlist(), limits=LIMITS))
+    except IntegrityError:
+        # a mutation rarely keeps a CRC-32 right: read on past it, so the fuzzer reaches
+        # what comes after (storages, views, the pickle inside)
+        check_crc = ZipArchive.check_crc
+        ZipArchive.check_crc = lambda self, member, data: None  # type: ignore[method-assign]
+        try:
+            _materialize(read_torch_zip(_source(data), allowlist=Allowlist(), limits=LIMITS))
+        finally:
+            ZipArchive.check_crc = check_crc  # type: ignore[method-assign]
 
 
 def fuzz_legacy(data: bytes) -> None:

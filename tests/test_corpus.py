@@ -23,13 +23,12 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pickle_oracle import recorded_imports
+from pickle_oracle import recorded_imports_of
 from torchkeep.unpickle.scanner import verdict_of
 
 HERE = Path(__file__).resolve().parent
@@ -134,14 +133,13 @@ def test_scan_is_dangerous_wherever_cpython_would_import_outside_the_allowlist(
     env_marker = os.environ.get("HOLDOUT_MARKER_DIR")
     os.environ["HOLDOUT_MARKER_DIR"] = str(corpus["markers"])
     try:
-        with ThreadPoolExecutor(4) as pool:
-            oracle = dict(zip([p.name for p in paths], pool.map(recorded_imports, paths),
-                              strict=True))
+        found = recorded_imports_of(paths)
     finally:
         if env_marker is None:
             del os.environ["HOLDOUT_MARKER_DIR"]
         else:
             os.environ["HOLDOUT_MARKER_DIR"] = env_marker
+    oracle = {Path(path).name: report for path, report in found.items()}
 
     def check(entry: dict[str, Any], result: dict[str, Any]) -> str | None:
         found = oracle[entry["name"]]
