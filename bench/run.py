@@ -28,14 +28,14 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 SAVE_OPS = ["raw_write", "raw_write_fsync", "memcpy", "torch_save", "save", "save_nodurable",
             "safetensors_save", "manager_save", "manager_async"]
 LOAD_OPS = ["mmap_touch", "torch_load", "torch_load_mmap", "safetensors_load", "load",
-            "load_copy", "load_numpy"]
+            "load_mmap", "load_numpy"]
 STATE_OPS = {
     "big": SAVE_OPS + LOAD_OPS,
     "tiny": ["torch_save", "save", "save_nodurable", "torch_load", "load"],
     "seed": ["torch_save", "save", "torch_load", "load"],
 }
 LOAD_FILE = {"torch_load": "t.pt", "torch_load_mmap": "t.pt", "safetensors_load": "s.safetensors",
-             "load": "k.pt", "load_copy": "k.pt", "load_numpy": "k.pt", "mmap_touch": "k.pt"}
+             "load": "k.pt", "load_mmap": "k.pt", "load_numpy": "k.pt", "mmap_touch": "k.pt"}
 SAVE_SUFFIX = {"safetensors_save": ".safetensors", "manager_save": ".run",
                "manager_async": ".run"}
 
@@ -149,8 +149,9 @@ def ratios(
     add("save .pt (not durable) / raw write", t("save_nodurable"), t("raw_write"), 1.1)
     add("save .pt (not durable) / torch.save", t("save_nodurable"), t("torch_save"), 0.5)
     add("save .pt durable / raw write + fsync", t("save"), t("raw_write_fsync"), 1.1)
-    add("load + touch / mmap + touch", t("load"), t("mmap_touch"), 1.2)
-    add("load + touch / torch.load + touch", t("load"), t("torch_load"), 0.2)
+    add("load(mmap=True) + touch / mmap + touch", t("load_mmap"), t("mmap_touch"), 1.2)
+    add("load(mmap=True) + touch / torch.load + touch", t("load_mmap"), t("torch_load"), 0.2)
+    add("load (default: copies) + touch / torch.load + touch", t("load"), t("torch_load"), 1.0)
     add("manager save / torchkeep.save", t("manager_save"), t("save"), 1.2)
     blocked = "blocked_s" if stat == "seconds" else "blocked_min"
     add("async save blocking / memcpy", t("manager_async", blocked), t("memcpy"), 1.5)

@@ -182,8 +182,8 @@ def main() -> None:
         fn = lambda: touch(torch.load(path, weights_only=True, mmap=True))  # noqa: E731
     elif op == "load":
         fn = lambda: touch(torchkeep.load(path))  # noqa: E731
-    elif op == "load_copy":
-        fn = lambda: touch(torchkeep.load(path, mmap=False))  # noqa: E731
+    elif op == "load_mmap":
+        fn = lambda: touch(torchkeep.load(path, mmap=True))  # noqa: E731
     elif op == "load_numpy":
         import numpy as np
 
