@@ -47,6 +47,12 @@ def _stats(log: str) -> dict[str, object]:
             "finding": finding.group(0) if finding else None}
 
 
+#: libFuzzer dictionaries: tokens the mutator splices in (deep JSON, pickle opcodes)
+DICTS = {"safetensors": "json.dict", "manifest": "json.dict", "pickle": "pickle.dict",
+         "differential": "pickle.dict", "zip": "pickle.dict", "legacy": "pickle.dict",
+         "scan": "pickle.dict", "load": "pickle.dict"}
+
+
 def run_target(name: str, seeds: Path, work: Path, limit: list[str], save: bool) -> dict:
     corpus = work / "corpus" / name
     corpus.mkdir(parents=True, exist_ok=True)
@@ -59,7 +65,8 @@ def run_target(name: str, seeds: Path, work: Path, limit: list[str], save: bool)
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(HERE / "run.py"), name, *FLAGS, *limit,
-         f"-artifact_prefix={artifacts}/", str(corpus), str(seeds / name)],
+         f"-dict={HERE / 'dicts' / DICTS[name]}", f"-artifact_prefix={artifacts}/",
+         str(corpus), str(seeds / name)],
         capture_output=True, text=True, check=False)
     log = done.stdout + done.stderr
     (work / f"{name}.log").write_text(log)

@@ -1364,3 +1364,37 @@ def test_error_messages_never_repr_a_shared_reference_bomb(tmp_path: Path) -> No
     record = torchkeep.PickledObject("m", "C", (), torchkeep.load(bomb))
     with deadline(5):
         assert len(repr(record)) < 300
+
+
+def _deep_step(tmp_path: Path) -> Path:
+    """A committed step whose manifest nests 100,000 lists (its checksum made to match)."""
+    from torchkeep.formats.manifest import MANIFEST_NAME, MARKER_NAME, checksum
+
+    with torchkeep.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        step = Path(mgr.step_path(1))
+    raw = (step / MANIFEST_NAME).read_text().replace(
+        '"tree":', '"tree":' + "[" * 100_000 + "1" + "]" * 100_000 + ',"x":').encode()
+    (step / MANIFEST_NAME).write_bytes(raw)
+    marker = json.loads((step / MARKER_NAME).read_text())
+    (step / MARKER_NAME).write_text(json.dumps({**marker, "manifest_xxh3": checksum(raw)}))
+    return step
+
+
+@pytest.mark.parametrize("where", ["safetensors header", "step manifest"])
+def test_json_nested_past_the_parsers_stack_is_a_format_error(where: str,
+                                                              tmp_path: Path) -> None:
+    # json.loads raised a bare RecursionError out of scan (safetensors) and out of every
+    # entry point (step manifests)
+    if where == "step manifest":
+        target: Any = _deep_step(tmp_path)
+    else:
+        header = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+        target = tmp_path / "deep.safetensors"
+        target.write_bytes(struct.pack("<Q", len(header)) + header)
+    for call in (torchkeep.load, torchkeep.inspect, torchkeep.open):
+        with deadline(10), pytest.raises(torchkeep.FormatError):
+            call(target)
+    report = torchkeep.scan(target)
+    assert report.verdict == "incomplete" and report.errors
+    assert not torchkeep.verify(target).intact

@@ -215,14 +215,14 @@ def read_manifest(fs: FileSystem, directory: str, *, verify: bool = True) -> dic
     try:
         marker = json.loads(fs.read_bytes(fs.join(directory, MARKER_NAME)))
         raw = fs.read_bytes(fs.join(directory, MANIFEST_NAME))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
         raise CorruptCheckpointError(f"commit marker is not JSON ({e})", source=name) from None
     if verify and isinstance(marker, dict) and marker.get("manifest_xxh3") != checksum(raw):
         raise IntegrityError("manifest.json does not match its checksum in the commit marker",
                              source=name)
     try:
         manifest = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # nesting past the parser's own stack
         raise CorruptCheckpointError(f"manifest.json is not JSON ({e})", source=name) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError("manifest.json is not a torchkeep step manifest",
@@ -232,6 +232,13 @@ def read_manifest(fs: FileSystem, directory: str, *, verify: bool = True) -> dic
             f"step manifest version {shown(manifest.get('version'))} is not supported", source=name
         )
     return manifest
+
+
+def _json_int(value: Any) -> int:
+    """An integer field of a manifest: a JSON integer, nothing else (not 4.0, "4", 1e400)."""
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {shown(value)}")
+    return value
 
 
 def read_step_dir(
@@ -264,7 +271,7 @@ def read_step_dir(
     for tensor_name, entry in entries.items():
         try:
             dtype = dtypes.by_name(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
+            shape = tuple(_json_int(s) for s in entry["shape"])
             chunks = entry["chunks"]
         except (KeyError, TypeError, ValueError) as e:
             raise fail(f"tensor {tensor_name!r}: malformed entry ({e})") from None
@@ -272,7 +279,10 @@ def read_step_dir(
             raise fail(f"tensor {tensor_name!r}: negative dimension")
         limits.check("max_tensor_dims", len(shape), f"tensor {tensor_name!r} dimensions")
         nbytes = math.prod(shape) * dtype.itemsize
-        if not isinstance(chunks, list) or len(chunks) != 1:
+        limits.check("max_tensor_bytes", nbytes, f"tensor {tensor_name!r} bytes")
+        if not isinstance(chunks, list):
+            raise fail(f"tensor {tensor_name!r}: its chunks are not a list")
+        if len(chunks) != 1:
             raise UnsupportedFormatError(
                 f"tensor {tensor_name!r} is stored in {len(chunks)} chunks; reading sharded "
                 "steps needs torchkeep.distributed", source=name
@@ -280,8 +290,8 @@ def read_step_dir(
         chunk = chunks[0]
         try:
             file_name = str(chunk["file"])
-            offset = int(chunk["offset"])
-            size = int(chunk["nbytes"])
+            offset = _json_int(chunk["offset"])
+            size = _json_int(chunk["nbytes"])
             digest = str(chunk["xxh3"])
         except (KeyError, TypeError, ValueError) as e:
             raise fail(f"tensor {tensor_name!r}: malformed chunk ({e})") from None
