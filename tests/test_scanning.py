@@ -205,3 +205,27 @@ def test_scan_load_and_inspect_agree_on_what_every_file_is(tmp_path: Path) -> No
             assert e.format == fmt
         except torchkeep.FormatError:
             assert fmt == "unrecognised"
+
+
+@pytest.mark.parametrize("data,name", [
+    (b"\x80\x02cos\nsys", "os.sy"),  # the GLOBAL's name cut off by the end of the file
+    (b"I0x10\ncos\nsystem\n.", "os.system"),  # an INT pickletools refuses, CPython reads
+    (b"S'\x83'\nS'x'\n\x93.", "\x83.x"),  # a STRING that is not ASCII, then STACK_GLOBAL
+    (b"\x95\x16\x00\x00\x00\x00\x00\x00\x00\x8c\x03sys\x94\x8c\x04exit\x94\x93\x94K\x00"
+     b"\x85\x94R\x94.", "sys.exit"),  # protocol 4 opcodes with no PROTO
+], ids=["cut-off GLOBAL", "hex INT", "latin-1 STRING", "FRAME first"])
+def test_what_cpython_reads_where_pickletools_refuses_is_still_scanned(data: bytes,
+                                                                       name: str) -> None:
+    # found by the oracle rule on the fuzzers' saved inputs: CPython's unpicklers import
+    # these names, pickletools stops before them
+    from pickle_oracle import recorded_imports_of
+
+    report = torchkeep.scan(data)
+    assert report.verdict == "dangerous"
+    assert name in {f.name for f in report.flagged}
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pkl") as f:
+        f.write(data)
+        f.flush()
+        assert name in recorded_imports_of([f.name])[f.name]["imports"]

@@ -124,6 +124,10 @@ def _scan_source(source: Source, report: ScanReport, limits: Limits, location: s
     elif depth == 0:
         limits.check("max_pickle_bytes", source.size, "file size")
         data = source.read(0, source.size)
+        # what pickle.load(f) would read anyway (its first opcode need not look like one),
+        # then pickles hidden further in
+        findings, _, _ = scan_pickle_bytes(data, "file")
+        report.findings.extend(findings)
         _pickles_in(data, "file", report, sweep=True)
         zip_at = data.find(b"PK\x03\x04")
         if zip_at > 0:
