@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchkeep.errors import FormatError, TorchkeepError
-from torchkeep.formats.detect import archive_format, sniff, tar_format_of
+from torchkeep.formats.detect import archive_format, sniff, tar_format
 from torchkeep.formats.tar import tar_members
 from torchkeep.formats.torch_legacy import stream_bytes
 from torchkeep.formats.ziparchive import ZipArchive
@@ -208,13 +208,13 @@ def _scan_gaps(source: Source, covered: list[tuple[int, int]], report: ScanRepor
 
 def _scan_tar(source: Source, report: ScanReport, limits: Limits, location: str,
               depth: int) -> None:
-    if depth == 0:
-        report.format = tar_format_of(source)
     try:
         members = tar_members(source, limits=limits)
     except FormatError as e:
         report.errors.append(f"{_at(location, 'tar')}: {e.reason}")
         return
+    if depth == 0:
+        report.format = tar_format([member.name for member in members])
     for member in members:
         where = _at(location, member.name)
         if member.size > limits.max_pickle_bytes:

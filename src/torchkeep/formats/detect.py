@@ -27,6 +27,7 @@ __all__ = [
     "is_zip_head",
     "looks_like_safetensors",
     "sniff",
+    "tar_format",
     "tar_format_of",
     "unsupported",
 ]
@@ -106,13 +107,18 @@ def archive_format(names: Sequence[str]) -> str:
     return "zip"
 
 
+def tar_format(names: Sequence[str]) -> str:
+    """``torch-tar`` for a tar archive with these member names in torch's pre-0.1.10
+    layout, else ``tar``."""
+    return "torch-tar" if {"pickle", "storages"} <= set(names) else "tar"
+
+
 def tar_format_of(source: Source) -> str:
-    """``torch-tar`` for a tar archive in torch's pre-0.1.10 layout, else ``tar``."""
+    """``tar_format`` of the archive ``source`` (``tar`` when its headers are broken)."""
     try:
-        names = {member.name for member in tar_members(source)}
+        return tar_format([member.name for member in tar_members(source)])
     except FormatError:
         return "tar"
-    return "torch-tar" if {"pickle", "storages"} <= names else "tar"
 
 
 _UNSUPPORTED = {
@@ -122,8 +128,8 @@ _UNSUPPORTED = {
     "torch-tar": "this is torch's pre-0.1.10 tar layout. Its loader unpickles with full "
                  "Python semantics (CVE-2025-32434); torchkeep does not read it. `torchkeep "
                  "scan` lists what its pickles reference",
-    "tar": "this is a tar archive (torch's pre-0.1.10 layout, or a plain tarball); torchkeep "
-           "does not read tar archives. `torchkeep scan` lists what pickles in it reference",
+    "tar": "this is a tar archive, not a checkpoint; torchkeep does not read tar archives. "
+           "`torchkeep scan` lists what pickles in it reference",
     "numpy": "this is a numpy array file (.npy / .npz), not a checkpoint: read it with "
              "numpy.load(allow_pickle=False). `torchkeep scan` lists what a pickled object "
              "array in it references",
