@@ -34,6 +34,9 @@ class Limits:
     max_tensor_elements: int = 1 << 46
     #: Dimensions of one tensor.
     max_tensor_dims: int = 64
+    #: Cells of the grid a sharded tensor's chunk edges cut it into (checking that the
+    #: chunks tile the tensor paints that grid).
+    max_chunk_cells: int = 1 << 26
     #: Nesting of containers in the object tree.
     max_depth: int = 256
     #: Bytes of one integer literal in a pickle (LONG1/LONG4/LONG).

@@ -17,6 +17,8 @@ own data file of the same directory.
 from __future__ import annotations
 
 import datetime
+import functools
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -56,6 +58,9 @@ __all__ = [
 
 FORMAT_NAME = "torchkeep-step"
 FORMAT_VERSION = 1
+#: a sharded step (torchkeep.distributed): tensors in several chunks, a flat table of
+#: values and the nesting DCP flattened away
+SHARDED_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MARKER_NAME = "COMMITTED"
 ALIGNMENT = 64
@@ -227,7 +232,7 @@ def read_manifest(fs: FileSystem, directory: str, *, verify: bool = True) -> dic
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError("manifest.json is not a torchkeep step manifest",
                                      source=name)
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in (FORMAT_VERSION, SHARDED_VERSION):
         raise UnsupportedFormatError(
             f"step manifest version {shown(manifest.get('version'))} is not supported", source=name
         )
@@ -268,6 +273,73 @@ def read_step_dir(
     def fail(message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"manifest: {message}", source=name)
 
+    def chunk_record(tensor_name: str, shape: tuple[int, ...], itemsize: int, index: int,
+                     chunk: Any) -> Record:
+        try:
+            offsets = tuple(_json_int(o) for o in chunk["offsets"])
+            extent = tuple(_json_int(s) for s in chunk["shape"])
+            file_name = str(chunk["file"])
+            offset = _json_int(chunk["offset"])
+            size = _json_int(chunk["nbytes"])
+            digest = str(chunk["xxh3"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise fail(f"tensor {tensor_name!r}: malformed chunk ({e})") from None
+        if len(offsets) != len(shape) or len(extent) != len(shape) or any(
+                o < 0 or n < 0 or o + n > s
+                for o, n, s in zip(offsets, extent, shape, strict=True)):
+            raise fail(f"tensor {tensor_name!r}: chunk {index} lies outside the tensor")
+        if (size != math.prod(extent) * itemsize or offset < 0 or "/" in file_name
+                or "\\" in file_name or file_name.startswith(".") or not file_name):
+            raise fail(f"tensor {tensor_name!r}: chunk {index} does not match the tensor")
+        if file_name not in sources:
+            sources[file_name] = fs.source(fs.join(directory, file_name))
+        source = sources[file_name]
+        if offset + size > source.size:
+            raise CorruptCheckpointError(
+                f"tensor {tensor_name!r} runs past the end of {file_name} (truncated)",
+                source=name,
+            )
+        return Record(size, offset=offset, name=f"chunk {index} at {file_name}:{offset}",
+                      source=source, xxh3=digest)
+
+    def check_coverage(tensor_name: str, shape: tuple[int, ...], chunks: list[Any]) -> None:
+        """The chunks tile the tensor exactly: every element in one chunk, none in two."""
+        if not math.prod(shape):
+            return
+        boxes = [(tuple(c["offsets"]), tuple(c["shape"])) for c in chunks]
+        # the grid the chunk edges cut the tensor into; paint each chunk's cells once
+        edges = [sorted({0, size, *(o[d] for o, _ in boxes), *(o[d] + n[d] for o, n in boxes)})
+                 for d, size in enumerate(shape)]
+        cells = math.prod(len(e) - 1 for e in edges)
+        limits.check("max_chunk_cells", cells, f"tensor {tensor_name!r} chunk grid")
+        painted = np.zeros(tuple(len(e) - 1 for e in edges), dtype=np.int32)
+        for offsets, extent in boxes:
+            if not math.prod(extent):
+                continue
+            where = tuple(slice(e.index(o), e.index(o + n))
+                          for e, o, n in zip(edges, offsets, extent, strict=True))
+            painted[where] += 1
+        if not (painted == 1).all():
+            raise fail(f"tensor {tensor_name!r}: its chunks do not tile it (a gap or an "
+                       "overlap)")
+
+    def assemble(tensor_name: str, shape: tuple[int, ...], itemsize: int, chunks: list[Any],
+                 parts: tuple[Record, ...]) -> bytes:
+        """The whole tensor from its chunks, each checked against its checksum."""
+        out = np.zeros(shape, dtype=np.dtype(f"V{itemsize}")) if itemsize else None
+        assert out is not None
+        for chunk, part in zip(chunks, parts, strict=True):
+            assert part.source is not None and part.offset is not None
+            raw = part.source.read(part.offset, part.nbytes)
+            if verify and checksum(raw) != part.xxh3:
+                raise IntegrityError(
+                    f"tensor {tensor_name!r} of step {step}: {part.name} does not match its "
+                    "checksum", source=name)
+            extent = tuple(chunk["shape"])
+            where = tuple(slice(o, o + n) for o, n in zip(chunk["offsets"], extent, strict=True))
+            out[where] = np.frombuffer(raw, dtype=out.dtype).reshape(extent)
+        return out.tobytes()
+
     for tensor_name, entry in entries.items():
         try:
             dtype = dtypes.by_name(entry["dtype"])
@@ -280,39 +352,26 @@ def read_step_dir(
         limits.check("max_tensor_dims", len(shape), f"tensor {tensor_name!r} dimensions")
         nbytes = math.prod(shape) * dtype.itemsize
         limits.check("max_tensor_bytes", nbytes, f"tensor {tensor_name!r} bytes")
-        if not isinstance(chunks, list):
+        if not isinstance(chunks, list) or not chunks:
             raise fail(f"tensor {tensor_name!r}: its chunks are not a list")
-        if len(chunks) != 1:
-            raise UnsupportedFormatError(
-                f"tensor {tensor_name!r} is stored in {len(chunks)} chunks; reading sharded "
-                "steps needs torchkeep.distributed", source=name
-            )
-        chunk = chunks[0]
-        try:
-            file_name = str(chunk["file"])
-            offset = _json_int(chunk["offset"])
-            size = _json_int(chunk["nbytes"])
-            digest = str(chunk["xxh3"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise fail(f"tensor {tensor_name!r}: malformed chunk ({e})") from None
-        if size != nbytes or offset < 0 or "/" in file_name or file_name.startswith("."):
-            raise fail(f"tensor {tensor_name!r}: chunk does not match the tensor")
-        if file_name not in sources:
-            sources[file_name] = fs.source(fs.join(directory, file_name))
-        source = sources[file_name]
-        if offset + size > source.size:
-            raise CorruptCheckpointError(
-                f"tensor {tensor_name!r} runs past the end of {file_name} (truncated)",
-                source=name,
-            )
+        parts = tuple(chunk_record(tensor_name, shape, dtype.itemsize, i, chunk)
+                      for i, chunk in enumerate(chunks))
         storage = StorageRef(tensor_name, dtype, nbytes)
         refs[tensor_name] = TensorRef(
             storage, dtype, 0, shape, contiguous_strides(shape),
             requires_grad=bool(entry.get("requires_grad", False)),
             parameter=bool(entry.get("parameter", False)),
         )
-        records[tensor_name] = Record(nbytes, offset=offset, name=tensor_name, source=source,
-                                      xxh3=digest)
+        if len(parts) == 1 and parts[0].nbytes == nbytes:
+            whole = parts[0]
+            records[tensor_name] = Record(nbytes, offset=whole.offset, name=tensor_name,
+                                          source=whole.source, xxh3=whole.xxh3)
+        else:
+            check_coverage(tensor_name, shape, chunks)
+            records[tensor_name] = Record(
+                nbytes, name=tensor_name, parts=parts,
+                decode=functools.partial(assemble, tensor_name, shape, dtype.itemsize, chunks,
+                                         parts))
 
     def resolve(ref_name: Any, node: dict[str, Any]) -> TensorRef:
         found = refs.get(ref_name) if isinstance(ref_name, str) else None
@@ -320,10 +379,15 @@ def read_step_dir(
             raise fail(f"the tree refers to tensor {ref_name!r}, which has no entry")
         return found
 
-    tree = TreeDecoder(resolve, name, limits).node(manifest.get("tree"), 0)
+    decoder = TreeDecoder(resolve, name, limits)
+    if manifest.get("version") == SHARDED_VERSION:
+        tree = sharded_tree(manifest, decoder, refs, fail)
+    else:
+        tree = decoder.node(manifest.get("tree"), 0)
 
     def check(storage: StorageRef, data: memoryview) -> None:
-        if checksum(data) != records[storage.key].xxh3:
+        expected = records[storage.key].xxh3
+        if expected is not None and checksum(data) != expected:
             raise IntegrityError(
                 f"tensor {storage.key!r} of step {step} does not match its checksum",
                 source=name,
@@ -338,3 +402,62 @@ def read_step_dir(
     parsed.extra_sources = list(sources.values())
     return parsed
 
+
+
+def sharded_tree(manifest: dict[str, Any], decoder: TreeDecoder, refs: dict[str, TensorRef],
+                 fail: Callable[[str], CorruptCheckpointError]) -> Any:
+    """The nested tree of a sharded step: each flat key (DCP's fully qualified name) put
+    back at its path, tensors from the tensor table and values from the value table."""
+    paths = manifest.get("paths")
+    values = manifest.get("values")
+    if not isinstance(paths, dict) or not isinstance(values, dict):
+        raise fail("a sharded step needs its path and value tables")
+    root: dict[Any, Any] = {}
+    for key, path in paths.items():
+        if key in refs:
+            leaf: Any = refs[key]
+        elif key in values:
+            leaf = decoder.node(values[key], 1)
+        else:
+            raise fail(f"key {key!r} is neither a tensor nor a value")
+        if not isinstance(path, list) or not path or not all(
+                isinstance(p, str) or type(p) is int for p in path):
+            raise fail(f"key {key!r}: malformed path")
+        place(root, path, leaf, fail)
+    return root
+
+
+def place(root: dict[Any, Any], path: list[Any], leaf: Any,
+          fail: Callable[[str], CorruptCheckpointError]) -> None:
+    """Put ``leaf`` at ``path`` (str keys are dict keys; int keys index lists, as in DCP's
+    flattening), creating the containers on the way."""
+    node: Any = root
+    for here, after in itertools.pairwise(path):
+        child = _child(node, here, fail)
+        if child is None:
+            child = [] if type(after) is int else {}
+            _set(node, here, child, fail)
+        node = child
+    if _child(node, path[-1], fail) is not None:
+        raise fail(f"path {path!r} is given twice")
+    _set(node, path[-1], leaf, fail)
+
+
+def _child(node: Any, key: Any, fail: Callable[[str], CorruptCheckpointError]) -> Any:
+    if isinstance(node, list):
+        if type(key) is not int or key < 0:
+            raise fail("a list is indexed by a non-negative int")
+        return node[key] if key < len(node) else None
+    if not isinstance(node, dict):
+        raise fail("a path goes through a value")
+    return node.get(key)
+
+
+def _set(node: Any, key: Any, value: Any, fail: Callable[[str], CorruptCheckpointError]) -> None:
+    if isinstance(node, list):
+        if key > len(node) + 1_000_000:
+            raise fail("a list index far past its length")
+        node.extend([None] * (key + 1 - len(node)))
+        node[key] = value
+    else:
+        node[key] = value

@@ -30,6 +30,9 @@ class Record:
     source: Source | None = None
     #: the recorded xxh3-64 as 16 hex digits, when there is one (step directories)
     xxh3: str | None = None
+    #: the chunks a sharded tensor is assembled from (``decode`` assembles them), each a
+    #: Record of its own bytes with its own checksum
+    parts: tuple[Record, ...] = ()
 
 
 @dataclass(slots=True)

@@ -243,8 +243,10 @@ class TreeEncoder:
     the same node.
     """
 
-    def __init__(self, describe: Describe | None) -> None:
+    def __init__(self, describe: Describe | None, *, inline_arrays: bool = False) -> None:
         self.describe = describe
+        #: numpy arrays go into the JSON itself (``$ndbytes``), not into the tensor list
+        self.inline_arrays = inline_arrays
         self.path: list[Any] = []
         self.active: set[int] = set()
         self.tensors: list[tuple[str, TensorRef, Any]] = []  # (name, ref, ndarray|None)
@@ -424,7 +426,7 @@ class TreeEncoder:
         if array.dtype.hasobject:
             raise self.fail("numpy arrays of Python objects cannot be saved")
         dtype = dtypes.from_numpy(array.dtype)
-        if dtype is None:
+        if dtype is None or self.inline_arrays:
             if array.dtype.names is not None:
                 raise self.fail("structured numpy arrays cannot be saved")
             data = np.ascontiguousarray(array)

@@ -32,6 +32,13 @@ from torchkeep.manager.layout import temporary_name
 from torchkeep.manager.policy_spec import RetentionSpec
 from torchkeep.manager.retention import Mode, Policy, RetentionPlan
 from torchkeep.manager.rundir import RunDirectory
+from torchkeep.manager.sharded import (
+    Collective,
+    is_sharded_step,
+    restore_sharded,
+    save_sharded,
+    sharded_world,
+)
 from torchkeep.manager.staging import StagingArena
 from torchkeep.storage.background import drain
 from torchkeep.storage.filesystem import FileSystem
@@ -137,8 +144,14 @@ class CheckpointManager:
         self._inflight_step: int | None = None
         self._arena = StagingArena()
         self._closed = False
-        #: what the manager removed when it opened the directory
-        self.cleaned: list[str] = self.run.clean_leftovers()
+        #: the ranks of a sharded run (torch.distributed with more than one rank), or None
+        self.collective: Collective | None = Collective() if sharded_world() else None
+        #: what the manager removed when it opened the directory (rank 0 cleans)
+        self.cleaned: list[str] = []
+        if self.collective is None or self.collective.rank == 0:
+            self.cleaned = self.run.clean_leftovers()
+        if self.collective is not None:
+            self.collective.barrier()
         if self.cleaned:
             warnings.warn(f"{self.run.name}: removed leftovers of interrupted saves: "
                           + ", ".join(self.cleaned), stacklevel=2)
@@ -165,7 +178,10 @@ class CheckpointManager:
         return self.run.step_path(step)
 
     def all_steps(self) -> list[int]:
-        """Every committed step, oldest first."""
+        """Every committed step, oldest first (collective in a sharded run: rank 0's
+        listing, so every rank gets the same answer)."""
+        if self.collective is not None:
+            return list(self.collective.decide_call(lambda: sorted(self.run.refresh())))
         return sorted(self.run.refresh())
 
     def latest_step(self) -> int | None:
@@ -204,6 +220,9 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.wait()
         metrics = _plain_metrics(metrics)
+        if self.collective is not None:
+            self._save_sharded(step, state, metrics)
+            return
         if self.fs.exists(self.step_path(step)):
             raise ValueError(
                 f"step {step} is already committed in {self.fs.describe(self.root)}; "
@@ -222,6 +241,17 @@ class CheckpointManager:
             )
         else:
             self._commit(step, skeleton, payloads, describer.storage_bytes, metrics)
+
+    def _save_sharded(self, step: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        collective = self.collective
+        assert collective is not None
+        extra = {"retention": dataclasses.asdict(self.options.retention_spec())}
+        save_sharded(self.step_path(step), state, step=step, metrics=metrics, extra=extra,
+                     collective=collective, fsync=self.options.durable)
+        self.run.record(step, metrics)
+        if collective.rank == 0 and self.options.policy() is not None:
+            self.run.delete(self.retention().delete, durable=self.options.durable)
+        collective.barrier()
 
     def _commit(
         self,
@@ -312,6 +342,11 @@ class CheckpointManager:
         first_error: TorchkeepError | None = None
         for candidate in candidates:
             try:
+                if self._restore_sharded(candidate, state):
+                    if candidate != target:
+                        warnings.warn(f"restored step {candidate} instead of step {target}",
+                                      stacklevel=2)
+                    return candidate
                 saved = self.load(candidate, map_location=map_location)
             except TorchkeepError as e:
                 if not fallback:
@@ -326,6 +361,22 @@ class CheckpointManager:
             return candidate
         assert first_error is not None
         raise first_error
+
+    def _restore_sharded(self, step: int, state: dict[str, Any]) -> bool:
+        """Restore a sharded step (or any step, in a sharded run) through DCP; False when
+        the step is a single-process one and this is a single process."""
+        path = self.step_path(step)
+        if self.collective is None:
+            if not self.fs.exists(path):
+                return False
+            sharded, manifest = is_sharded_step(self.fs, path)
+            if not sharded:
+                return False
+        else:
+            manifest = self.collective.decide_call(lambda: is_sharded_step(self.fs, path)[1])
+        restore_sharded(path, state, step=step, manifest=manifest, collective=self.collective,
+                        verify=self.options.verify)
+        return True
 
     # -- lifetime ---------------------------------------------------------------------------
 

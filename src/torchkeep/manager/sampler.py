@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -20,17 +21,30 @@ class ResumableSampler(Sampler[int]):
     mid-epoch sees exactly the samples the uninterrupted run would have. Call
     ``set_epoch(e)`` before each epoch.
 
+    Under data parallelism give each rank its slice: ``ResumableSampler(data, rank=r,
+    world_size=n)`` yields every n-th index of the epoch's permutation, starting at r.
+    Its state records the global position, so a run saved on n ranks resumes on m ranks
+    with no index lost or repeated (``reshard``).
+
     The position counts indices handed to the DataLoader. With ``num_workers=0`` that is
     exactly what the training loop consumed; worker processes prefetch batches ahead of
     the loop, so with workers call ``set_consumed(n)`` with the number of samples of this
     epoch the loop has trained on before saving.
     """
 
-    def __init__(self, data: Sized | int, *, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, data: Sized | int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}")
         self.size = data if isinstance(data, int) else len(data)
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
+        #: where in the epoch's permutation the current sharding began (a resumed run)
+        self.start = 0
+        #: indices this rank has yielded since ``start``
         self.position = 0
         self._consumed: int | None = None
 
@@ -38,14 +52,20 @@ class ResumableSampler(Sampler[int]):
         """Start epoch ``epoch`` from its beginning (unless resuming into it)."""
         if epoch != self.epoch:
             self.epoch = epoch
+            self.start = 0
             self.position = 0
             self._consumed = None
 
     def set_consumed(self, samples: int) -> None:
-        """Record how many samples of this epoch the loop has trained on (for workers)."""
-        if not 0 <= samples <= self.size:
-            raise ValueError(f"consumed must be in 0..{self.size}")
+        """Record how many samples of this epoch (of this rank's slice) the loop has
+        trained on (for workers)."""
+        if not 0 <= samples <= self._share():
+            raise ValueError(f"consumed must be in 0..{self._share()}")
         self._consumed = samples
+
+    def _share(self) -> int:
+        """How many indices this rank yields between ``start`` and the epoch's end."""
+        return max(0, -(-(self.size - self.start - self.rank) // self.world_size))
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -55,26 +75,66 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        while self.position < self.size:
-            index = order[self.position]
+        while self.position < self._share():
+            index = order[self.start + self.rank + self.position * self.world_size]
             self.position += 1
             yield index
         self.epoch += 1
+        self.start = 0
         self.position = 0
 
     def __len__(self) -> int:
-        return self.size - self.position
+        return self._share() - self.position
 
     def state_dict(self) -> dict[str, Any]:
         """Where the sampler is (``set_consumed`` overrides the position)."""
         position = self.position if self._consumed is None else self._consumed
-        return {"seed": self.seed, "epoch": self.epoch, "size": self.size, "position": position}
+        state = {"seed": self.seed, "epoch": self.epoch, "size": self.size,
+                 "position": position}
+        if self.world_size != 1 or self.start:
+            state.update(start=self.start, rank=self.rank, world_size=self.world_size)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``."""
         if int(state["size"]) != self.size:
             raise ValueError(f"sampler state is for {state['size']} samples, not {self.size}")
+        world = int(state.get("world_size", 1))
+        if world != self.world_size or int(state.get("rank", 0)) != self.rank:
+            raise ValueError(f"sampler state is for rank {state.get('rank', 0)} of {world}, "
+                             f"not rank {self.rank} of {self.world_size} (use reshard)")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
+        self.start = int(state.get("start", 0))
         self.position = int(state["position"])
         self._consumed = None
+
+    @staticmethod
+    def reshard(states: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+        """The state for rank ``rank`` of ``world_size`` continuing where the ranks whose
+        states these are (one per saved rank, in rank order) stopped.
+
+        The saved ranks together consumed a prefix of the epoch's permutation when their
+        positions are level (or the first ranks one ahead, as at a ragged epoch end); the
+        new ranks split exactly what remains. ValueError for any other pattern (it has
+        no single global position).
+        """
+        if not states:
+            raise ValueError("no sampler states to reshard")
+        first = states[0]
+        keys = ("seed", "epoch", "size", "start")
+        if any(int(s.get(k, 0)) != int(first.get(k, 0)) for s in states for k in keys):
+            raise ValueError("the saved samplers disagree on seed, epoch, size or start")
+        positions = [int(s["position"]) for s in states]
+        level = all(a >= b for a, b in itertools.pairwise(positions)) and \
+            positions[0] - positions[-1] <= 1
+        if not level:
+            raise ValueError(f"the saved ranks stopped at positions {positions}: together "
+                             "they did not consume a prefix of the epoch")
+        start = int(first.get("start", 0))
+        consumed = min(int(first["size"]), start + sum(positions))
+        state = {"seed": int(first["seed"]), "epoch": int(first["epoch"]),
+                 "size": int(first["size"]), "position": 0}
+        if world_size != 1 or consumed:
+            state.update(start=consumed, rank=rank, world_size=world_size)
+        return state
