@@ -214,15 +214,28 @@ def parse(
     """Parse ``f`` into placeholders (no tensor bytes read). The caller closes the result."""
     directory = step_directory(f)
     if directory is not None:
-        from torchkeep.formats.manifest import read_step_dir
-
-        return read_step_dir(directory, limits=limits)
+        return parse_directory(directory, allowlist=Allowlist(allow), limits=limits)
     source = open_source(f)
     try:
         return parse_source(source, allowlist=Allowlist(allow), limits=limits)
     except BaseException:
         source.close()
         raise
+
+
+def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits) -> Parsed:
+    """Parse a directory: a DCP checkpoint, else a torchkeep step directory."""
+    from torchkeep.formats.detect import directory_format
+    from torchkeep.storage.filesystem import open_filesystem
+
+    fs, path = open_filesystem(directory)
+    if directory_format(fs, path) == "dcp":
+        from torchkeep.formats.dcp import read_dcp_dir
+
+        return read_dcp_dir(path, fs=fs, limits=limits, allowlist=allowlist)
+    from torchkeep.formats.manifest import read_step_dir
+
+    return read_step_dir(path, fs=fs, limits=limits)
 
 
 def parse_source(source: Source, *, allowlist: Allowlist, limits: Limits) -> Parsed:
@@ -283,7 +296,8 @@ def load(
     """Load a checkpoint without ever running code from it.
 
     ``f``: a path, a binary file object or bytes; the format is found from the content
-    (torch zip, legacy torch, safetensors, a plain pickle, a torchkeep step directory).
+    (torch zip, legacy torch, safetensors, a plain pickle, a torchkeep step directory, a
+    torch.distributed.checkpoint directory).
     ``map_location`` has torch.load's meaning (str, torch.device, dict, callable).
     ``mmap``: None copies the tensor bytes (read in parallel), so a file another program
     rewrites in place (as torch.save does) cannot change or crash the tensors; it maps

@@ -37,7 +37,7 @@ class CheckpointHandle:
 
     @property
     def format(self) -> str:
-        """``torch``, ``torch-legacy``, ``safetensors``, ``pickle`` or ``torchkeep``."""
+        """``torch``, ``torch-legacy``, ``safetensors``, ``pickle``, ``torchkeep`` or ``dcp``."""
         return self._parsed.format
 
     @property

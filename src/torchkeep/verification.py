@@ -11,10 +11,12 @@ import xxhash
 
 from torchkeep.api import parse_source, step_directory
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
-from torchkeep.formats.detect import detect
+from torchkeep.formats.dcp import read_dcp_dir
+from torchkeep.formats.detect import detect, directory_format
 from torchkeep.formats.manifest import read_step_dir
 from torchkeep.formats.ziparchive import ZipArchive
 from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.storage.source import Source, open_source
 from torchkeep.unpickle import Allowlist
 
@@ -75,6 +77,9 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
     tick = progress or (lambda n: None)
     directory = step_directory(f)
     if directory is not None:
+        fs, path = open_filesystem(directory)
+        if directory_format(fs, path) == "dcp":
+            return _verify_dcp(fs, path, directory, limits, tick)
         return _verify_step(directory, limits, tick)
     source = open_source(f)
     try:
@@ -121,6 +126,37 @@ def _verify_zip(source: Source, result: Verification, limits: Limits,
                             "torch.serialization.set_crc32_options(False))")
 
 
+def _verify_dcp(fs: FileSystem, path: str, directory: str, limits: Limits,
+                tick: Callable[[int], None]) -> Verification:
+    """A DCP directory: the structure (``.metadata``, every item's zip archive and bounds,
+    chunk coverage), then the CRC-32 of every zip record of every item."""
+    result = Verification(directory, "dcp")
+    items: list[tuple[str, Source]] = []
+    try:
+        parsed = read_dcp_dir(path, fs=fs, limits=limits, items=items)
+    except CorruptCheckpointError as e:
+        result.problem = e.reason
+        return result
+    try:
+        for label, item in items:
+            part = Verification(label, "torch")
+            _verify_zip(item, part, limits, tick)
+            result.checked += part.checked
+            result.checked_bytes += part.checked_bytes
+            result.unchecked.extend(f"{label}: {name}" for name in part.unchecked)
+            if part.problem is not None:
+                result.problem = f"{label}: {part.problem}"
+                break
+    finally:
+        parsed.close()
+    if result.unchecked:
+        result.notes.append(f"{len(result.unchecked)} item records carry no CRC-32")
+    result.notes.append("DCP records no checksums of its own (.metadata has none): checked "
+                        "are its structure, bounds and chunk coverage, and the CRC-32s "
+                        "torch.save wrote into each item's zip records")
+    return result
+
+
 def _verify_step(directory: str, limits: Limits, tick: Callable[[int], None]) -> Verification:
     result = Verification(directory, "torchkeep")
     try:
@@ -132,12 +168,16 @@ def _verify_step(directory: str, limits: Limits, tick: Callable[[int], None]) ->
     try:
         result.checked += 1
         for name, record in parsed.records.items():
-            assert record.source is not None and record.offset is not None
-            if _xxh3_of(record.source, record.offset, record.nbytes, tick) != record.xxh3:
-                result.problem = f"tensor {name!r} does not match its checksum"
+            for part in record.parts or (record,):  # a sharded tensor: each of its chunks
+                assert part.source is not None and part.offset is not None
+                if _xxh3_of(part.source, part.offset, part.nbytes, tick) != part.xxh3:
+                    where = f", {part.name}," if record.parts else ""
+                    result.problem = f"tensor {name!r}{where} does not match its checksum"
+                    break
+                result.checked += 1
+                result.checked_bytes += part.nbytes
+            if result.problem:
                 break
-            result.checked += 1
-            result.checked_bytes += record.nbytes
     finally:
         parsed.close()
     return result

@@ -10,6 +10,7 @@ torch checkpoint, a TorchScript archive, a numpy ``.npz``, or some other zip.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torchkeep.errors import FormatError, UnsupportedFormatError
 from torchkeep.formats.tar import tar_members
@@ -17,11 +18,15 @@ from torchkeep.formats.torch_legacy import is_legacy
 from torchkeep.storage.source import Source
 from torchkeep.unpickle.scanner import HEAD_BYTES, is_pickle_head
 
+if TYPE_CHECKING:
+    from torchkeep.storage.filesystem import FileSystem
+
 __all__ = [
     "FORMATS",
     "HEAD_BYTES",
     "archive_format",
     "detect",
+    "directory_format",
     "format_for_suffix",
     "is_pickle_head",
     "is_zip_head",
@@ -33,7 +38,7 @@ __all__ = [
 ]
 
 #: Formats torchkeep reads; the first four it also writes.
-FORMATS = ("torch", "torch-legacy", "safetensors", "pickle", "torchkeep")
+FORMATS = ("torch", "torch-legacy", "safetensors", "pickle", "torchkeep", "dcp")
 
 _SUFFIXES = {
     ".pt": "torch",
@@ -160,3 +165,11 @@ def detect(source: Source) -> str:
         f"not a checkpoint torchkeep recognises{hint}: starts with {head.hex(' ')}",
         source=source.name,
     )
+
+
+def directory_format(fs: FileSystem, directory: str) -> str:
+    """What a directory holds: ``dcp`` (a torch.distributed.checkpoint directory: a
+    ``.metadata`` file) or ``torchkeep`` (anything else is read as a step directory)."""
+    from torchkeep.formats.dcp import is_dcp_dir
+
+    return "dcp" if is_dcp_dir(fs, directory) else "torchkeep"
