@@ -130,3 +130,158 @@ def die_in_write(rank: int, world: int, root: str) -> Any:
 def barrier_ok(rank: int, world: int) -> bool:
     dist.barrier()
     return True
+
+
+def coordinator_dies_before_rename(rank: int, world: int, root: str) -> Any:
+    """Save step 1; rank 0 dies in the commit of step 2 after writing the manifest."""
+    from torchkeep.distributed import writer
+
+    model, opt = build(world, "fsdp2")
+    state = {"model": model, "optimizer": opt}
+    with torchkeep.CheckpointManager(root) as mgr:
+        mgr.save(1, state)
+        if rank == 0:
+            def dying(*args: Any, **kwargs: Any) -> Any:
+                os._exit(9)
+
+            writer.StepWriter.finish = dying  # type: ignore[method-assign]
+        mgr.save(2, state)
+    return "survived"
+
+
+def fail_in_write(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Rank 1's writes fail (a full disk): what every rank sees, then a save that works."""
+    from torchkeep.distributed import writer
+    from torchkeep.errors import StorageError
+
+    model, opt = build(world, "fsdp2")
+    state = {"model": model, "optimizer": opt}
+    original = writer.tensor_bytes
+    if rank == 1:
+        def full_disk(t: torch.Tensor) -> Any:
+            raise StorageError("No space left on device (simulated)")
+
+        writer.tensor_bytes = full_disk  # type: ignore[assignment]
+    with torchkeep.CheckpointManager(root) as mgr:
+        try:
+            mgr.save(1, state)
+            first = None
+        except Exception as e:
+            first = (type(e).__name__, str(e))
+        writer.tensor_bytes = original  # type: ignore[assignment]
+        listing = sorted(os.listdir(root))
+        mgr.save(2, state)
+        return {"error": first, "listing": listing, "steps": mgr.all_steps()}
+
+
+def reuse_step(rank: int, world: int, root: str) -> Any:
+    """Save step 1 twice: the second is refused on every rank."""
+    model, opt = build(world, "fsdp2")
+    state = {"model": model, "optimizer": opt}
+    with torchkeep.CheckpointManager(root) as mgr:
+        mgr.save(1, state)
+        train(model, opt, rank, 1)
+        try:
+            mgr.save(1, state)
+        except torchkeep.TorchkeepError as e:
+            return type(e).__name__
+    return None
+
+
+def restore_fallback(rank: int, world: int, root: str, fallback: bool) -> dict[str, Any]:
+    """Restore the latest step; with fallback, step back when it does not verify."""
+    import warnings
+
+    model, opt = build(world, "fsdp2", seed=5)
+    state = {"model": model, "optimizer": opt}
+    with torchkeep.CheckpointManager(root) as mgr, warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        try:
+            return {"step": mgr.restore(state, fallback=fallback), "error": None}
+        except Exception as e:
+            return {"step": None, "error": (type(e).__name__, str(e))}
+
+
+def save_placements(rank: int, world: int, path: str) -> Any:
+    """Save DTensors of several placements and dtypes, plain values, with tkd.save."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torchkeep.distributed as tkd
+
+    mesh = init_device_mesh("cpu", (world,))
+    f = placements_full()
+    sd = {"rows": distribute_tensor(f["rows"], mesh, [Shard(0)]),
+          "cols": distribute_tensor(f["cols"], mesh, [Shard(1)]),
+          "rep": distribute_tensor(f["rep"], mesh, [Replicate()]),
+          "bf16": distribute_tensor(f["bf16"], mesh, [Shard(0)]),
+          "ints": distribute_tensor(f["ints"], mesh, [Shard(0)]),
+          "flags": distribute_tensor(f["flags"], mesh, [Replicate()]),
+          "scalar": f["scalar"], "empty": f["empty"],
+          "extra": {"note": "hello", "lr": [0.1, 0.01], "n": 3},
+          "rank_value": PerRank(torch.tensor([100 + rank])).state_dict()}
+    tkd.save({**sd, "__per_rank__": {str(rank): {"rng": torch.tensor([100 + rank]),
+                                                 "pos": 1000 + rank}}}, path)
+    return True
+
+
+def placements_full() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(7)
+    return {"rows": torch.randn(1000, 6, generator=g), "cols": torch.randn(5, 7, generator=g),
+            "rep": torch.randn(30, 17, generator=g),
+            "bf16": torch.randn(9, generator=g).to(torch.bfloat16),
+            "ints": torch.arange(11, dtype=torch.int64) * 7,
+            "flags": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+            "empty": torch.zeros(0, 4), "extra": {"note": "hello", "lr": [0.1, 0.01], "n": 3}}
+
+
+def load_placements(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Load with other placements than the save's; the full tensors and the values."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torchkeep.distributed as tkd
+
+    mesh = init_device_mesh("cpu", (world,))
+    f = placements_full()
+    sd: dict[str, Any] = {
+        "rows": distribute_tensor(torch.zeros(1000, 6), mesh, [Shard(1)]),
+        "cols": distribute_tensor(torch.zeros(5, 7), mesh, [Shard(0)]),
+        "rep": distribute_tensor(torch.zeros(30, 17), mesh, [Shard(0)]),
+        "bf16": distribute_tensor(torch.zeros(9, dtype=torch.bfloat16), mesh, [Replicate()]),
+        "ints": distribute_tensor(torch.zeros(11, dtype=torch.int64), mesh, [Replicate()]),
+        "flags": distribute_tensor(torch.zeros(3, dtype=torch.bool), mesh, [Shard(0)]),
+        "scalar": torch.tensor(0.0), "empty": torch.zeros(0, 4),
+        "extra": {"note": "", "lr": None, "n": 0}}
+    if world == 2:  # the saved world: each rank asks for its own per-rank entries
+        sd["__per_rank__"] = {str(rank): {"rng": torch.tensor([0]), "pos": 0}}
+    tkd.load(sd, path)
+    out = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+    return {"equal": {k: _same(out[k], f[k]) for k in f}, "mine": sd.get("__per_rank__")}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return bool(a == b)
+
+
+def resume_run(rank: int, world: int, root: str, steps: int, resume: bool) -> dict[str, Any]:
+    """Train ``steps`` steps (after restoring the latest step when ``resume``), saving
+    after each; the losses and the final full state."""
+    model, opt = build(world, "fsdp2")
+    rng = torchkeep.RNGState()
+    torch.manual_seed(1 + rank)
+    state = {"model": model, "optimizer": opt, "rng": rng, "step": 0}
+    losses = []
+    with torchkeep.CheckpointManager(root) as mgr:
+        start = mgr.restore(state) + 1 if resume else 0
+        for step in range(start, start + steps):
+            g = torch.Generator().manual_seed(1000 * step + rank)
+            x = torch.randn(8, 13, generator=g) + torch.randn(8, 13) * 0.01  # global RNG
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            state["step"] = step
+            mgr.save(step, state)
+    return {"losses": losses, **full_state(model, opt)}

@@ -62,6 +62,9 @@ def save(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
         if writer.is_coordinator and writer.tmp is not None and writer.fs is not None:
             with contextlib.suppress(Exception):  # what the failed save wrote
                 writer.fs.rmtree(writer.tmp)
+        if _distributed():  # every rank returns after the removal (a dead peer fails fast)
+            with contextlib.suppress(Exception):
+                dist.barrier(group=process_group)
         raise translate(e, "save") from e
 
 
@@ -69,11 +72,13 @@ def load(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
          process_group: Any = None, verify: bool = True) -> None:
     """Load a step directory (saved on any number of ranks) into ``state_dict`` in place,
     resharded to the tensors' current layout. Every chunk read is checksum-verified."""
+    reader = StepReader(path, verify=verify)
     try:
-        dcp_load(state_dict, storage_reader=StepReader(path, verify=verify),
-                 planner=TorchkeepLoadPlanner(), process_group=process_group,
-                 no_dist=not _distributed())
+        dcp_load(state_dict, storage_reader=reader, planner=TorchkeepLoadPlanner(),
+                 process_group=process_group, no_dist=not _distributed())
     except (CheckpointException, RuntimeError, TorchkeepError) as e:
+        if reader.error is not None:  # every rank read the same manifest and files
+            raise reader.error from e
         raise translate(e, "load") from e
 
 

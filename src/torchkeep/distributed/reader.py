@@ -27,7 +27,12 @@ from torch.futures import Future
 
 from torchkeep import dtypes
 from torchkeep.distributed.planners import TorchkeepLoadPlanner
-from torchkeep.errors import CorruptCheckpointError, IntegrityError, StorageError
+from torchkeep.errors import (
+    CorruptCheckpointError,
+    IntegrityError,
+    StorageError,
+    TorchkeepError,
+)
 from torchkeep.formats.manifest import SHARDED_VERSION, checksum, read_manifest, read_step_dir
 from torchkeep.formats.treejson import TreeDecoder
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
@@ -51,6 +56,8 @@ class StepReader(StorageReader):
         self._values: dict[str, Any] = {}
         self._sources: dict[str, Source] = {}
         self._checked: set[tuple[str, int]] = set()
+        #: the error reading the manifest raised on this rank, if any
+        self.error: TorchkeepError | None = None
         if path is not None:
             self.reset(path)
 
@@ -69,6 +76,13 @@ class StepReader(StorageReader):
         return self.fs, self.path
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        try:
+            return self._read_metadata()
+        except TorchkeepError as e:  # DCP reports it as an AssertionError: keep ours
+            self.error = e
+            raise
+
+    def _read_metadata(self) -> Metadata:
         fs, path = self._where()
         manifest = read_manifest(fs, path, verify=self.verify)
         self.manifest = manifest
