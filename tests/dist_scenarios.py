@@ -285,3 +285,27 @@ def resume_run(rank: int, world: int, root: str, steps: int, resume: bool) -> di
             state["step"] = step
             mgr.save(step, state)
     return {"losses": losses, **full_state(model, opt)}
+
+
+def async_save_snapshot(rank: int, world: int, root: str, keep: int = 1) -> dict[str, Any]:
+    """Save asynchronously, change the weights at once, then commit: the step holds the
+    weights as they were at save()."""
+    model, opt = build(world, "fsdp2")
+    train(model, opt, rank, 1)
+    state = {"model": model, "optimizer": opt, "step": 1}
+    with torchkeep.CheckpointManager(root, async_save=True, keep_last=keep) as mgr:
+        snapshot = full_state(model, opt)
+        mgr.save(1, state)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        mgr.save(2, state)  # waits for step 1 first: one save in flight
+        mgr.wait()
+        steps = mgr.all_steps()
+    later = full_state(model, opt)
+    return {"snapshot": snapshot, "later": later, "steps": steps}
+
+
+def async_save_snapshot_keep(rank: int, world: int, root: str) -> dict[str, Any]:
+    """As async_save_snapshot, keeping both steps."""
+    return async_save_snapshot(rank, world, root, keep=2)

@@ -211,3 +211,19 @@ def test_exact_resume_at_the_same_world_size(tmp_path: Path) -> None:
     for w, f, s in zip(whole, first, second, strict=True):
         assert w["losses"] == f["losses"] + s["losses"]
         assert same(w["model"], s["model"]) and same(w["optim"], s["optim"])
+
+
+def test_async_save_commits_the_state_as_it_was_at_save(tmp_path: Path) -> None:
+    out = values(run_ranks(2, S.async_save_snapshot, str(tmp_path)))
+    assert out[0]["steps"] == [2]  # keep_last=1 ran after step 2 committed
+    step2 = torchkeep.load(tmp_path / step_name(2))
+    assert same(out[0]["later"]["model"], step2["model"])
+    assert not same(out[0]["snapshot"]["model"], out[0]["later"]["model"])
+    restored = values(run_ranks(2, S.restore_fallback, str(tmp_path), False))
+    assert [r["step"] for r in restored] == [2, 2]
+
+
+def test_async_step_one_holds_the_snapshot(tmp_path: Path) -> None:
+    out = values(run_ranks(2, S.async_save_snapshot_keep, str(tmp_path)))
+    step1 = torchkeep.load(tmp_path / step_name(1))
+    assert same(out[0]["snapshot"]["model"], step1["model"])

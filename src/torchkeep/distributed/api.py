@@ -23,7 +23,7 @@ from torchkeep.distributed.reader import StepReader
 from torchkeep.distributed.writer import StepWriter
 from torchkeep.errors import DistributedError, TorchkeepError
 
-__all__ = ["load", "save", "translate"]
+__all__ = ["PendingSave", "load", "save", "save_async", "translate"]
 
 
 def translate(error: BaseException, what: str) -> TorchkeepError:
@@ -66,6 +66,47 @@ def save(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
             with contextlib.suppress(Exception):
                 dist.barrier(group=process_group)
         raise translate(e, "save") from e
+
+
+class PendingSave:
+    """A save running in the background (``save_async``); ``result()`` waits for its
+    commit and raises its failure as a TorchkeepError (the same class on every rank)."""
+
+    def __init__(self, future: Any, writer: StepWriter, process_group: Any) -> None:
+        self._future = future
+        self._writer = writer
+        self._group = process_group
+
+    def done(self) -> bool:
+        """True once the commit finished (or failed)."""
+        return bool(self._future.done())
+
+    def result(self) -> None:
+        """Wait for the commit; raise its failure."""
+        try:
+            self._future.result()
+        except (CheckpointException, RuntimeError, TorchkeepError) as e:
+            writer = self._writer
+            if writer.is_coordinator and writer.tmp is not None and writer.fs is not None:
+                with contextlib.suppress(Exception):
+                    writer.fs.rmtree(writer.tmp)
+            raise translate(e, "save") from e
+
+
+def save_async(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
+               process_group: Any, stager: Any, info: dict[str, Any] | None = None,
+               fsync: bool = True) -> PendingSave:
+    """Stage ``state_dict`` into CPU memory (``stager``: a DCP ``DefaultStager``, whose
+    buffers are reused from one save to the next), then plan, write and commit it on a
+    background thread. ``process_group`` must be used by nothing else meanwhile: the
+    background collectives must never interleave with the caller's."""
+    from torch.distributed.checkpoint.state_dict_saver import async_save
+
+    writer = StepWriter(path, fsync=fsync, info=info)
+    future = async_save(state_dict, storage_writer=writer, planner=TorchkeepSavePlanner(),
+                        process_group=process_group, async_stager=stager,
+                        no_dist=not _distributed())
+    return PendingSave(future, writer, process_group)
 
 
 def load(state_dict: dict[str, Any], path: str | os.PathLike[str], *,

@@ -140,8 +140,9 @@ class CheckpointManager:
         self.options = base
         self.run = RunDirectory(directory)
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: Future[None] | None = None
+        self._inflight: Future[None] | Any = None  # a Future, or a sharded PendingSave
         self._inflight_step: int | None = None
+        self._inflight_metrics: dict[str, Any] = {}
         self._arena = StagingArena()
         self._closed = False
         #: the ranks of a sharded run (torch.distributed with more than one rank), or None
@@ -246,8 +247,19 @@ class CheckpointManager:
         collective = self.collective
         assert collective is not None
         extra = {"retention": dataclasses.asdict(self.options.retention_spec())}
-        save_sharded(self.step_path(step), state, step=step, metrics=metrics, extra=extra,
-                     collective=collective, fsync=self.options.durable)
+        pending = save_sharded(self.step_path(step), state, step=step, metrics=metrics,
+                               extra=extra, collective=collective, fsync=self.options.durable,
+                               background=self.options.async_save)
+        if pending is None:
+            self._after_sharded_commit(step, metrics)
+        else:
+            self._inflight, self._inflight_step = pending, step
+            self._inflight_metrics = metrics
+
+    def _after_sharded_commit(self, step: int, metrics: dict[str, Any]) -> None:
+        """Rank 0 runs retention on the committed steps; every rank waits for it."""
+        collective = self.collective
+        assert collective is not None
         self.run.record(step, metrics)
         if collective.rank == 0 and self.options.policy() is not None:
             self.run.delete(self.retention().delete, durable=self.options.durable)
@@ -298,6 +310,8 @@ class CheckpointManager:
         except BaseException as e:
             raise AsyncSaveError(f"the background save of step {step} failed: {e}",
                                  source=self.fs.describe(self.root)) from e
+        if self.collective is not None and step is not None:
+            self._after_sharded_commit(step, self._inflight_metrics)
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -394,6 +408,8 @@ class CheckpointManager:
             self._closed = True
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self.collective is not None:
+                self.collective.close()
             drain()  # pruned steps are gone from disk when close() returns
 
     def __enter__(self) -> CheckpointManager:

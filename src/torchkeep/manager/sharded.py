@@ -25,8 +25,30 @@ class Collective:
     def __init__(self) -> None:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        #: checkpoint collectives run on their own group, never interleaved with training
+        #: the manager's own decisions (on the calling thread), never interleaved with
+        #: training collectives
         self.group = dist.new_group(backend="gloo")
+        #: DCP's save and load collectives; a background save is the only user meanwhile
+        self.ckpt = dist.new_group(backend="gloo")
+        self._stager: Any = None
+
+    def stager(self) -> Any:
+        """DCP's CPU stager for background saves, kept for the manager's life so its
+        staging buffers are reused from one save to the next."""
+        if self._stager is None:
+            import torch
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                use_async_staging=False, use_non_blocking_copy=False))
+        return self._stager
+
+    def close(self) -> None:
+        """Release the staging buffers."""
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def decide(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (an exception on rank 0 raises everywhere)."""
@@ -76,8 +98,10 @@ def is_sharded_step(fs: Any, path: str) -> tuple[bool, dict[str, Any]]:
 
 
 def save_sharded(path: str, state: dict[str, Any], *, step: int, metrics: dict[str, Any],
-                 extra: dict[str, Any], collective: Collective | None, fsync: bool) -> None:
-    """Commit ``state`` as the sharded step directory ``path`` (collective)."""
+                 extra: dict[str, Any], collective: Collective | None, fsync: bool,
+                 background: bool = False) -> Any:
+    """Commit ``state`` as the sharded step directory ``path`` (collective). With
+    ``background`` it returns once the state is staged in CPU memory: a PendingSave."""
     from torchkeep.distributed import api
     from torchkeep.distributed.state import plan_state, state_dict
 
@@ -87,8 +111,12 @@ def save_sharded(path: str, state: dict[str, Any], *, step: int, metrics: dict[s
     sd = state_dict(state, plan, rank)
     info = {"step": step, "metrics": metrics, **extra, "world": {"size": world},
             "per_rank": sorted(plan.per_rank)}
-    api.save(sd, path, process_group=collective.group if collective else None, info=info,
-             fsync=fsync)
+    group = collective.ckpt if collective else None
+    if background and collective is not None:
+        return api.save_async(sd, path, process_group=group, stager=collective.stager(),
+                              info=info, fsync=fsync)
+    api.save(sd, path, process_group=group, info=info, fsync=fsync)
+    return None
 
 
 def restore_sharded(path: str, state: dict[str, Any], *, step: int, manifest: dict[str, Any],
@@ -120,7 +148,7 @@ def restore_sharded(path: str, state: dict[str, Any], *, step: int, manifest: di
 
             raise StateMismatchError(f"step {step} holds no per-rank state of rank {rank}")
     sd = target(state, plan, rank)
-    api.load(sd, path, process_group=collective.group if collective else None, verify=verify)
+    api.load(sd, path, process_group=collective.ckpt if collective else None, verify=verify)
     apply_state(state, plan, sd, rank, saved_world, world, step, per_rank_saved)
 
 
