@@ -309,3 +309,27 @@ def async_save_snapshot(rank: int, world: int, root: str, keep: int = 1) -> dict
 def async_save_snapshot_keep(rank: int, world: int, root: str) -> dict[str, Any]:
     """As async_save_snapshot, keeping both steps."""
     return async_save_snapshot(rank, world, root, keep=2)
+
+
+def stock_dcp_save(rank: int, world: int, path: str) -> dict[str, Any]:
+    """A run checkpointed with stock dcp.save (FileSystemWriter), as torchtitan does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, opt = build(world, "fsdp2")
+    train(model, opt, rank, 2)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optimizer": osd, "step": 2}, checkpoint_id=path)
+    return full_state(model, opt)
+
+
+def import_dcp(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Import a stock DCP directory into a fresh run's state with the manager."""
+    import tempfile
+
+    model, opt = build(world, "fsdp2", seed=11)
+    train(model, opt, rank, 1, 50)
+    state = {"model": model, "optimizer": opt, "step": 0}
+    with tempfile.TemporaryDirectory() as root, torchkeep.CheckpointManager(root) as mgr:
+        mgr.restore(state, from_path=path)
+    return {**full_state(model, opt), "step": state["step"]}

@@ -227,3 +227,37 @@ def test_async_step_one_holds_the_snapshot(tmp_path: Path) -> None:
     out = values(run_ranks(2, S.async_save_snapshot_keep, str(tmp_path)))
     step1 = torchkeep.load(tmp_path / step_name(1))
     assert same(out[0]["snapshot"]["model"], step1["model"])
+
+
+def test_manager_imports_a_stock_dcp_checkpoint_on_another_world_size(tmp_path: Path) -> None:
+    path = tmp_path / "titan"
+    saved = values(run_ranks(2, S.stock_dcp_save, str(path)))
+    assert (path / ".metadata").exists()
+    for r in values(run_ranks(3, S.import_dcp, str(path))):
+        assert r["step"] == 2
+        assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])
+
+
+def test_convert_to_dcp_is_read_by_stock_dcp_load(
+        saved_runs: dict[int, tuple[Path, list[Any]]], tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from click.testing import CliRunner
+
+    from torchkeep.cli.main import cli
+
+    root, saved = saved_runs[2]
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(cli, ["convert", str(root / step_name(2)), str(out),
+                                      "--to", "dcp"])
+    assert result.exit_code == 0, result.output
+    assert (out / ".metadata").exists() and "DCP directory" in result.output
+    model = {k: torch.zeros_like(v) for k, v in saved[0]["model"].items()}
+    target = {"model": model, "epoch": 0}
+    dcp.load(target, checkpoint_id=str(out), no_dist=True)
+    assert same(saved[0]["model"], target["model"]) and target["epoch"] == 7
+    # and torchkeep reads its own export back, torch-free style
+    assert same(saved[0]["model"], torchkeep.load(out)["model"])
+    again = CliRunner().invoke(cli, ["convert", str(root / step_name(2)), str(out),
+                                     "--to", "dcp"])
+    assert isinstance(again.exception, torchkeep.StorageError)  # main() maps it to exit 3
+    assert "exists already" in str(again.exception)

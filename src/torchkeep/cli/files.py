@@ -157,8 +157,9 @@ def _print_diff(result: Any) -> None:
 @click.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--to", "to", type=click.Choice(["torch", "torch-legacy", "safetensors"]),
-              default=None, help="Output format (default: from DST's suffix).")
+@click.option("--to", "to", type=click.Choice(["torch", "torch-legacy", "safetensors", "dcp"]),
+              default=None, help="Output format (default: from DST's suffix); dcp writes "
+              "a torch.distributed.checkpoint directory (needs torch).")
 @click.option("--select", "select_key", default=None,
               help="Keep only this sub-tree, e.g. model_state_dict (a/b for nested keys).")
 @click.option("--dtype", default=None, help="Cast floating tensors, e.g. bfloat16.")
@@ -167,8 +168,21 @@ def _print_diff(result: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def convert_command(src: str, dst: str, to: str | None, select_key: str | None,
                     dtype: str | None, max_shard_size: str | None, as_json: bool) -> None:
-    """Convert any readable checkpoint to torch, torch-legacy or safetensors."""
+    """Convert any readable checkpoint to torch, torch-legacy, safetensors or dcp."""
     from torchkeep.conversion import convert, parse_size
+
+    if to == "dcp":
+        if select_key or dtype or max_shard_size:
+            raise click.UsageError("--to dcp takes no --select, --dtype or --max-shard-size")
+        from torchkeep.distributed.export import export_dcp
+
+        counts = export_dcp(src, dst)
+        if as_json:
+            echo_json({"directory": dst, **counts})
+        else:
+            click.echo(f"wrote {dst} (a DCP directory: {counts['tensors']} tensors, "
+                       f"{counts['values']} values)")
+        return
 
     try:
         shard_bytes = parse_size(max_shard_size) if max_shard_size else None

@@ -33,8 +33,10 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
+from torchkeep.formats.detect import directory_format
 from torchkeep.formats.manifest import SHARDED_VERSION, checksum, read_manifest, read_step_dir
 from torchkeep.formats.treejson import TreeDecoder
+from torchkeep.limits import DEFAULT_LIMITS
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.storage.source import Source
 from torchkeep.tensors import TorchMaterializer, to_torch_dtype
@@ -43,7 +45,8 @@ __all__ = ["StepReader"]
 
 
 class StepReader(StorageReader):
-    """Reads a torchkeep step directory (sharded or not) for ``dcp.load``."""
+    """Reads a torchkeep step directory (sharded or not), or a stock DCP directory, for
+    ``dcp.load``: ``dcp.load(state, storage_reader=StepReader(path))``."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  verify: bool = True) -> None:
@@ -84,10 +87,12 @@ class StepReader(StorageReader):
 
     def _read_metadata(self) -> Metadata:
         fs, path = self._where()
+        if directory_format(fs, path) == "dcp":  # a stock DCP checkpoint (torchtitan...)
+            return self._tree_metadata(fs, path)
         manifest = read_manifest(fs, path, verify=self.verify)
         self.manifest = manifest
         if manifest.get("version") != SHARDED_VERSION:
-            return self._whole_step_metadata(fs, path)
+            return self._tree_metadata(fs, path)
         state: dict[str, Any] = {}
         storage: dict[MetadataIndex, dict[str, Any]] = {}
         # the manifest's structure is checked by the single-process reader: parse it once
@@ -112,16 +117,24 @@ class StepReader(StorageReader):
         return Metadata(state_dict_metadata=state, planner_data=planner_data,
                         storage_data=storage)
 
-    def _whole_step_metadata(self, fs: FileSystem, path: str) -> Metadata:
-        """A single-process step (manifest version 1) as DCP metadata: one chunk per
-        tensor, values flattened the way DCP flattens."""
+    def _tree_metadata(self, fs: FileSystem, path: str) -> Metadata:
+        """A single-process step (manifest version 1) or a stock DCP directory as DCP
+        metadata: the whole tree read by torchkeep's checked readers (DCP's ``.metadata``
+        never unpickled, its values never run), one chunk per tensor, values flattened
+        the way DCP flattens. Every rank reads the whole checkpoint."""
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
-        parsed = read_step_dir(path, fs=fs, verify=self.verify)
+        from torchkeep.api import parse_directory
+        from torchkeep.unpickle import Allowlist
+
+        parsed = parse_directory(path, allowlist=Allowlist(), limits=DEFAULT_LIMITS)
         try:
             tree = TorchMaterializer(parsed, mmap=False).tree()
         finally:
             parsed.close()
+        if not isinstance(tree, dict):
+            raise CorruptCheckpointError("the checkpoint does not hold a state dict",
+                                         source=fs.describe(path))
         flat, mappings = flatten_state_dict(tree)
         state: dict[str, Any] = {}
         for fqn, value in flat.items():

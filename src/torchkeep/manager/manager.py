@@ -335,16 +335,26 @@ class CheckpointManager:
         return tree
 
     def restore(self, state: dict[str, Any], *, step: int | None = None,
-                fallback: bool = False, map_location: Any = None) -> int:
+                fallback: bool = False, map_location: Any = None,
+                from_path: str | os.PathLike[str] | None = None) -> int:
         """Load step ``step`` (default: latest) into ``state``; returns the step.
 
         Objects with ``load_state_dict`` are loaded in place; plain values are replaced in
         ``state``. Every tensor's checksum is verified; a mismatch raises IntegrityError
         naming the tensor and step, unless ``fallback`` lets it step back to the newest
         step that verifies (with a warning).
+
+        ``from_path`` imports a checkpoint from outside the run instead: a stock
+        ``torch.distributed.checkpoint`` directory (torchtitan's, say) or a torchkeep step
+        directory, through DCP's planner (any world size; returns -1). DCP's
+        ``.metadata`` and values are read by torchkeep's restricted readers.
         """
         self._check_open()
         self.wait()  # a save still in flight is the newest step: list steps after it commits
+        if from_path is not None:
+            restore_sharded(os.fspath(from_path), state, step=-1, manifest={},
+                            collective=self.collective, verify=self.options.verify)
+            return -1
         steps = self.all_steps()
         if step is None and not steps:
             raise CheckpointNotFoundError("no committed step to restore",

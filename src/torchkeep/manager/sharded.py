@@ -133,10 +133,17 @@ def restore_sharded(path: str, state: dict[str, Any], *, step: int, manifest: di
 
     rank = collective.rank if collective else 0
     world = collective.world if collective else 1
-    saved_world = (manifest.get("world") or {}).get("size")
+    world_info = manifest.get("world")
+    saved_world = world_info.get("size") if isinstance(world_info, dict) else None
     plan = plan_state(state)
     same = saved_world == world
     per_rank_saved = None
+    if plan.per_rank and saved_world is None:  # a DCP directory or a one-process step
+        import warnings
+
+        warnings.warn(f"{path}: holds no per-rank state; {', '.join(plan.per_rank)} left "
+                      "as they are", stacklevel=3)
+        plan.per_rank = []
     if plan.per_rank:  # each rank's own values, read before anything is loaded: what
         # cannot move to this world size is refused first
         per_rank_saved = _saved_per_rank(path, PER_RANK, None if not same else str(rank),
