@@ -439,3 +439,30 @@ def test_a_torchkeep_step_is_not_dcp(tmp_path: Path) -> None:
     (tmp_path / "__0.metadata").write_bytes(b"")
     with pytest.raises(UnsupportedFormatError, match="per-rank"):
         torchkeep.load(tmp_path)
+
+
+# -- scan ---------------------------------------------------------------------------------------
+
+
+def test_scan_of_a_stock_dcp_directory_is_clean(single: tuple[Path, dict[str, Any]],
+                                                sharded: Path) -> None:
+    for directory in (single[0], sharded):
+        report = torchkeep.scan(directory)
+        assert report.format == "dcp" and report.verdict == "clean", report
+        assert report.pickles > 1  # .metadata and every item's data.pkl
+
+
+def test_scan_flags_hostile_metadata_and_items(single: tuple[Path, dict[str, Any]],
+                                               tmp_path: Path, marker: Path) -> None:
+    directory = copy_dir(single[0], tmp_path / "copy")
+    (directory / ".metadata").write_bytes(
+        Pickle(4).call("os", "system", shell_touch(marker)).finish())
+    report = torchkeep.scan(directory)
+    assert report.verdict == "dangerous"
+    assert any(f.name == "os.system" for f in report.flagged)
+    evil = dcp_save({"w": torch.ones(3), "x": Evil(marker)}, tmp_path / "evil")
+    report = torchkeep.scan(evil)
+    assert report.verdict == "dangerous" and any("system" in f.name for f in report.flagged)
+    assert not marker.exists()
+    # DCP's record classes are safe only inside .metadata: in a value item they are not
+    assert all(f.location != ".metadata" for f in report.flagged)

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchkeep.errors import FormatError, TorchkeepError
+from torchkeep.errors import FormatError, TorchkeepError, shown
 from torchkeep.formats.detect import archive_format, sniff, tar_format
 from torchkeep.formats.tar import tar_members
 from torchkeep.formats.torch_legacy import stream_bytes
@@ -70,6 +70,12 @@ class ScanReport:
 def scan(f: Any, *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
     """Statically scan ``f`` (a path, file object or bytes); nothing in it is executed."""
     if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
+        from torchkeep.formats.dcp import is_dcp_dir
+        from torchkeep.storage.filesystem import open_filesystem
+
+        fs, path = open_filesystem(f)
+        if is_dcp_dir(fs, path):
+            return _scan_dcp_directory(fs, path, os.fspath(f), limits)
         return _scan_step_directory(os.fspath(f), limits)
     source = open_source(f)
     try:
@@ -90,6 +96,64 @@ def _scan_step_directory(directory: str, limits: Limits) -> ScanReport:
         read_step_dir(str(directory), limits=limits).close()
     except TorchkeepError as e:
         report.errors.append(e.reason)
+    return report
+
+
+def _scan_dcp_directory(fs: Any, path: str, shown_as: str, limits: Limits) -> ScanReport:
+    """A torch.distributed.checkpoint directory: its ``.metadata`` pickle (DCP's own
+    metadata classes are safe there, and only there) and every item its metadata points
+    to (each a torch.save archive; a value item's pickle can name anything)."""
+    import dataclasses
+
+    from torchkeep.formats.dcp import (
+        METADATA_GLOBALS,
+        METADATA_NAME,
+        SliceSource,
+        read_dcp_metadata,
+    )
+
+    report = ScanReport(shown_as, "dcp")
+    try:
+        data = fs.read_bytes(fs.join(path, METADATA_NAME))
+    except TorchkeepError as e:
+        report.errors.append(e.reason)
+        return report
+    limits.check("max_pickle_bytes", len(data), "pickle size")
+    findings, _, error = scan_pickle_bytes(data, METADATA_NAME)
+    report.pickles += 1
+    report.findings.extend(
+        dataclasses.replace(f, verdict="safe", detail="a DCP metadata record")
+        if f.name in METADATA_GLOBALS and f.verdict != "unsafe" else f for f in findings)
+    if error:
+        report.errors.append(f"{METADATA_NAME}: {error}")
+    if report.flagged or error:
+        report.errors.append("the items were not scanned: .metadata is not plain DCP metadata")
+        return report
+    try:
+        metadata = read_dcp_metadata(data, limits=limits)
+    except TorchkeepError as e:
+        report.errors.append(f"{METADATA_NAME}: {e.reason}")
+        return report
+    sources: dict[str, Source] = {}
+    try:
+        for info in metadata.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or "/" in name or name.startswith("."):
+                report.errors.append(f"an item in {shown(name)} is outside the directory")
+                continue
+            if name not in sources:
+                sources[name] = fs.source(fs.join(path, name))
+            source = sources[name]
+            if info.offset < 0 or info.offset + info.length > source.size:
+                report.errors.append(f"{name}: an item runs past the end of the file")
+                continue
+            item = SliceSource(source, info.offset, info.length, f"{name}@{info.offset}")
+            _scan_source(item, report, limits, f"{name}@{info.offset}", 1)
+    except TorchkeepError as e:
+        report.errors.append(e.reason)
+    finally:
+        for source in sources.values():
+            source.close()
     return report
 
 

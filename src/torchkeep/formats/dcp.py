@@ -365,6 +365,8 @@ _ENTRIES: dict[str, Entry] = {
 }
 _ENTRIES[f"{_METADATA_MODULE}._MEM_FORMAT_ENCODING"] = Entry(
     f"{_METADATA_MODULE}._MEM_FORMAT_ENCODING", call=_memory_format)
+#: the globals of DCP's own metadata classes: safe in a .metadata (built as records)
+METADATA_GLOBALS = frozenset(_ENTRIES)
 _BY_CLASS = {entry.cls: entry for entry in _ENTRIES.values() if entry.cls is not None}
 #: default-table globals .metadata may name besides dtypes and layouts
 _PLAIN = frozenset({
@@ -415,7 +417,7 @@ def read_dcp_metadata(data: bytes, *, limits: Limits = DEFAULT_LIMITS,
 # -- reading a directory ------------------------------------------------------------------------
 
 
-class _Slice(Source):
+class SliceSource(Source):
     """Bytes ``[start, start + size)`` of another source, read through it (an item of a
     data file, parsed as the zip archive it is). Closing it leaves the parent open."""
 
@@ -526,7 +528,7 @@ class _Reader:
             self.sources[relative_path] = found
         return found
 
-    def item(self, fqn: str, info: StorageInfo) -> tuple[Source, _Slice]:
+    def item(self, fqn: str, info: StorageInfo) -> tuple[Source, SliceSource]:
         path = info.relative_path
         if not _safe_file_name(path):
             raise self.fail(f"item {fqn!r}: relative_path {path!r} is not a file name in the "
@@ -541,7 +543,7 @@ class _Reader:
             end = info.offset + info.length
             raise self.fail(f"item {fqn!r} ({path} bytes {info.offset}..{end}) runs past the "
                             f"end of the file ({source.size} bytes): truncated")
-        window = _Slice(source, info.offset, info.length,
+        window = SliceSource(source, info.offset, info.length,
                         f"{self.name}/{path} (item {fqn!r} at {info.offset}+{info.length})")
         if self.items is not None:
             self.items.append((f"{path} item {fqn!r} at {info.offset}", window))
