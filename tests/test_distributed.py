@@ -261,3 +261,34 @@ def test_convert_to_dcp_is_read_by_stock_dcp_load(
                                      "--to", "dcp"])
     assert isinstance(again.exception, torchkeep.StorageError)  # main() maps it to exit 3
     assert "exists already" in str(again.exception)
+
+
+def test_ddp_is_saved_once_and_restores_on_other_world_sizes(tmp_path: Path) -> None:
+    saved = values(run_ranks(2, S.manager_save, str(tmp_path), "ddp", 2))
+    step = tmp_path / step_name(1)
+    data = sum(f.stat().st_size for f in step.glob("data-*.bin"))
+    model = sum(t.numel() * t.element_size() for t in saved[0]["model"].values())
+    # one copy of the weights and of AdamW's two moments (plus per-rank RNG and padding)
+    assert data < 3 * model + 2 * 5056 + 64 * 40
+    assert data >= 3 * model
+    for m in (3, 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            restored = values(run_ranks(m, S.manager_restore, str(tmp_path), "ddp", False))
+        for r in restored:
+            assert r["error"] is None
+            assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])
+
+
+def test_hsdp_saves_each_shard_once_and_restores_as_fsdp2(tmp_path: Path) -> None:
+    saved = values(run_ranks(4, S.manager_save, str(tmp_path), "hsdp", 2))
+    step = tmp_path / step_name(1)
+    data = sum(f.stat().st_size for f in step.glob("data-*.bin"))
+    model = sum(t.numel() * t.element_size() for t in saved[0]["model"].values())
+    assert 3 * model <= data < 3 * model + 4 * 5056 + 64 * 80  # replicas written once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        restored = values(run_ranks(3, S.manager_restore, str(tmp_path), "fsdp2", False))
+    for r in restored:
+        assert r["error"] is None
+        assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])
