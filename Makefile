@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/distributed.py
 
 # every fuzz target for FUZZ_SECONDS; the long campaign: fuzz/campaign.py --runs 1000000
 FUZZ_SECONDS ?= 60
