@@ -32,13 +32,21 @@ def cli() -> None:
 @cli.command()
 @click.option("--files", is_flag=True,
               help="Instead: save the seed checkpoint in each format and read it back every way.")
+@click.option("--distributed", is_flag=True,
+              help="Instead: SIGKILL a 2-rank FSDP2 run, resume it on 2 ranks, load it on 3.")
 @click.option("--seed", type=int, default=None, help="Fix where the run is killed.")
-def demo(files: bool, seed: int | None) -> None:
+def demo(files: bool, distributed: bool, seed: int | None) -> None:
     """Train the seed model, SIGKILL it mid-run, resume, and prove the result bit-identical."""
+    if files and distributed:
+        raise click.UsageError("--files and --distributed are mutually exclusive")
     if files:
         from torchkeep.demo.files import run_files_demo
 
         ok = run_files_demo(click.echo)
+    elif distributed:
+        from torchkeep.demo.distributed import run_distributed_demo
+
+        ok = run_distributed_demo(click.echo, seed=seed)
     else:
         from torchkeep.demo.resume import run_resume_demo
 

@@ -22,7 +22,8 @@ def export_dcp(src: Any, out: str | os.PathLike[str]) -> dict[str, int]:
     directory appears complete or not at all (written under a temporary name, renamed).
     Returns the number of tensors and values written.
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     import torchkeep
 
@@ -37,7 +38,7 @@ def export_dcp(src: Any, out: str | os.PathLike[str]) -> dict[str, int]:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.torchkeep-tmp-{secrets.token_hex(4)}")
     try:
-        metadata = dcp.save(tree, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+        metadata = dcp_save(tree, storage_writer=FileSystemWriter(tmp), no_dist=True)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ reshards; torchkeep.distributed writes, commits and verifies.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -45,10 +46,13 @@ class Collective:
         return self._stager
 
     def close(self) -> None:
-        """Release the staging buffers."""
+        """Release the staging buffers and the manager's process groups."""
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        for group in (self.group, self.ckpt):
+            with contextlib.suppress(Exception):  # the default group may be gone already
+                dist.destroy_process_group(group)
 
     def decide(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (an exception on rank 0 raises everywhere)."""
