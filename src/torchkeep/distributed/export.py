@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import warnings
 from typing import Any
 
 from torchkeep.errors import StorageError, UnsupportedTypeError
@@ -38,7 +39,9 @@ def export_dcp(src: Any, out: str | os.PathLike[str]) -> dict[str, int]:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.torchkeep-tmp-{secrets.token_hex(4)}")
     try:
-        metadata = dcp_save(tree, storage_writer=FileSystemWriter(tmp), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single
+            warnings.simplefilter("ignore")  # process": it is
+            metadata = dcp_save(tree, storage_writer=FileSystemWriter(tmp), no_dist=True)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
