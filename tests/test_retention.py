@@ -95,3 +95,45 @@ def test_resumable_sampler_continues_the_same_permutation() -> None:
     assert list(other_epoch) != order
     partial.set_consumed(2)
     assert partial.state_dict()["position"] == 2
+
+
+@pytest.mark.parametrize("saved_world", [1, 2, 3, 4])
+def test_sampler_reshards_to_any_world_size_without_losing_an_index(saved_world: int) -> None:
+    from torchkeep.manager.sampler import ResumableSampler
+
+    reference = list(ResumableSampler(23, seed=5))
+    for world in (1, 2, 3, 5):
+        for steps in (0, 1, 3, 5, 6):
+            ranks = [ResumableSampler(23, seed=5, rank=r, world_size=saved_world)
+                     for r in range(saved_world)]
+            its = [iter(s) for s in ranks]
+            seen = []
+            for _ in range(steps):  # data-parallel lockstep, to the ragged end of the epoch
+                for it in its:
+                    seen.extend(next(it, None) for _ in range(1))
+            seen = [i for i in seen if i is not None]
+            states = [s.state_dict() for s in ranks]
+            new = [ResumableSampler(23, seed=5, rank=r, world_size=world) for r in range(world)]
+            for r, sampler in enumerate(new):
+                sampler.load_state_dict(ResumableSampler.reshard(states, r, world))
+            epochs = {sampler.epoch for sampler in new}
+            rest = [i for sampler in new for i in sampler]
+            assert sorted(seen) == sorted(reference[: len(seen)])  # a prefix was consumed
+            if len(seen) < 23:
+                assert sorted(seen + rest) == list(range(23))  # none lost, none repeated
+            else:  # the epoch was done: the new ranks start the next one
+                assert sorted(rest) == list(range(23)) and epochs == {1}
+
+
+def test_sampler_states_that_do_not_cover_a_prefix_are_refused() -> None:
+    from torchkeep.manager.sampler import ResumableSampler
+
+    ranks = [ResumableSampler(20, seed=1, rank=r, world_size=2) for r in range(2)]
+    it = iter(ranks[1])
+    next(it)
+    next(it)  # rank 1 two ahead of rank 0
+    with pytest.raises(ValueError, match="prefix"):
+        ResumableSampler.reshard([s.state_dict() for s in ranks], 0, 3)
+    with pytest.raises(ValueError, match="rank 0 of 1"):
+        ResumableSampler(20, seed=1, rank=1, world_size=2).load_state_dict(
+            ResumableSampler(20, seed=1).state_dict())

@@ -65,7 +65,7 @@ class ResumableSampler(Sampler[int]):
 
     def _share(self) -> int:
         """How many indices this rank yields between ``start`` and the epoch's end."""
-        return max(0, -(-(self.size - self.start - self.rank) // self.world_size))
+        return _share(self.size, self.start, self.rank, self.world_size)
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -121,6 +121,7 @@ class ResumableSampler(Sampler[int]):
         """
         if not states:
             raise ValueError("no sampler states to reshard")
+        states = _align_epochs(states)
         first = states[0]
         keys = ("seed", "epoch", "size", "start")
         if any(int(s.get(k, 0)) != int(first.get(k, 0)) for s in states for k in keys):
@@ -133,8 +134,40 @@ class ResumableSampler(Sampler[int]):
                              "they did not consume a prefix of the epoch")
         start = int(first.get("start", 0))
         consumed = min(int(first["size"]), start + sum(positions))
-        state = {"seed": int(first["seed"]), "epoch": int(first["epoch"]),
+        epoch = int(first["epoch"])
+        if consumed == int(first["size"]):  # the epoch is done: the next one starts
+            epoch, consumed = epoch + 1, 0
+        state = {"seed": int(first["seed"]), "epoch": epoch,
                  "size": int(first["size"]), "position": 0}
         if world_size != 1 or consumed:
             state.update(start=consumed, rank=rank, world_size=world_size)
         return state
+
+
+def _share(size: int, start: int, rank: int, world: int) -> int:
+    """How many indices rank ``rank`` of ``world`` yields from ``start`` to the epoch's end."""
+    return max(0, -(-(size - start - rank) // world))
+
+
+def _align_epochs(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At a ragged epoch end some ranks have rolled over to the next epoch (position 0)
+    while others stand at the end of their share: put the rolled-over ones back at the
+    end of their share of the earlier epoch, so the positions can be compared."""
+    epochs = {int(s["epoch"]) for s in states}
+    if len(epochs) == 1:
+        return states
+    e0 = min(epochs)
+    if epochs != {e0, e0 + 1}:
+        raise ValueError(f"the saved samplers stand in epochs {sorted(epochs)}")
+    start = int(next(s for s in states if int(s["epoch"]) == e0).get("start", 0))
+    aligned = []
+    for s in states:
+        if int(s["epoch"]) == e0 + 1:
+            if int(s["position"]) != 0:
+                raise ValueError("a saved sampler is into the next epoch while another is "
+                                 "still in the last one")
+            share = _share(int(s["size"]), start, int(s.get("rank", 0)),
+                           int(s.get("world_size", 1)))
+            s = {**s, "epoch": e0, "start": start, "position": share}
+        aligned.append(s)
+    return aligned
