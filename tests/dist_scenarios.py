@@ -339,3 +339,15 @@ def import_dcp(rank: int, world: int, path: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as root, torchkeep.CheckpointManager(root) as mgr:
         mgr.restore(state, from_path=path)
     return {**full_state(model, opt), "step": state["step"]}
+
+
+def stale_listing(rank: int, world: int, root: str) -> Any:
+    """Rank 1's view of the directory is stale (it lists no step): every rank still gets
+    rank 0's answer."""
+    model, opt = build(world, "fsdp2")
+    state = {"model": model, "optimizer": opt}
+    with torchkeep.CheckpointManager(root) as mgr:
+        mgr.save(4, state)
+        if rank == 1:
+            mgr.run.refresh = lambda: {}  # type: ignore[method-assign]
+        return mgr.latest_step(), mgr.all_steps()

@@ -292,3 +292,7 @@ def test_hsdp_saves_each_shard_once_and_restores_as_fsdp2(tmp_path: Path) -> Non
     for r in restored:
         assert r["error"] is None
         assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])
+
+
+def test_every_rank_gets_rank_0s_listing(tmp_path: Path) -> None:
+    assert values(run_ranks(2, S.stale_listing, str(tmp_path))) == [(4, [4]), (4, [4])]
