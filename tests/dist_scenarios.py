@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import torchkeep
-from torchkeep.distributed.state import PerRank
+from torchkeep import PerRank
 
 FULL = StateDictOptions(full_state_dict=True)
 
@@ -351,3 +351,25 @@ def stale_listing(rank: int, world: int, root: str) -> Any:
         if rank == 1:
             mgr.run.refresh = lambda: {}  # type: ignore[method-assign]
         return mgr.latest_step(), mgr.all_steps()
+
+
+def model_state_wrapper(rank: int, world: int, root: str, restore: bool) -> dict[str, Any]:
+    """One optimizer over two modules of the state: saved as a ModelState of their
+    parent; without the wrapper the manager refuses it."""
+    model, opt = build(world, "fsdp2", seed=21 if restore else 0)
+    if restore:
+        train(model, opt, rank, 1, 40)
+    else:
+        train(model, opt, rank, 2)
+    with torchkeep.CheckpointManager(root) as mgr:
+        try:
+            mgr.save(9, {"first": model[0], "last": model[2], "optimizer": opt})
+            refused = None
+        except torchkeep.TorchkeepError as e:
+            refused = type(e).__name__
+        state = {"train": torchkeep.ModelState(model, opt)}
+        if restore:
+            mgr.restore(state)
+        else:
+            mgr.save(1, state)
+    return {"refused": refused, **full_state(model, opt)}

@@ -296,3 +296,11 @@ def test_hsdp_saves_each_shard_once_and_restores_as_fsdp2(tmp_path: Path) -> Non
 
 def test_every_rank_gets_rank_0s_listing(tmp_path: Path) -> None:
     assert values(run_ranks(2, S.stale_listing, str(tmp_path))) == [(4, [4]), (4, [4])]
+
+
+def test_model_state_pairs_an_optimizer_spanning_several_modules(tmp_path: Path) -> None:
+    saved = values(run_ranks(2, S.model_state_wrapper, str(tmp_path), False))
+    assert saved[0]["refused"] == "UnsupportedTypeError"
+    restored = values(run_ranks(3, S.model_state_wrapper, str(tmp_path), True))
+    for r in restored:
+        assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])

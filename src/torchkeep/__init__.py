@@ -35,6 +35,7 @@ from torchkeep.tree import Device, PickledObject, Size, TensorInfo, TensorRef
 if TYPE_CHECKING:
     from torchkeep.comparison import compare
     from torchkeep.conversion import convert
+    from torchkeep.distributed.state import ModelState, PerRank
     from torchkeep.loading import LoadReport, PartialLoadError, load_into
     from torchkeep.manager import (
         AnyOf,
@@ -67,6 +68,8 @@ _LAZY = {
     "RNGState": "torchkeep.manager",
     "ResumableSampler": "torchkeep.manager",
     "StateMismatchError": "torchkeep.manager",
+    "ModelState": "torchkeep.distributed.state",
+    "PerRank": "torchkeep.distributed.state",
     "LoadReport": "torchkeep.loading",
     "PartialLoadError": "torchkeep.loading",
     "load_into": "torchkeep.loading",
@@ -109,7 +112,9 @@ __all__ = [
     "LoadReport",
     "ManagerOptions",
     "MissingDependencyError",
+    "ModelState",
     "PartialLoadError",
+    "PerRank",
     "PickledObject",
     "PreemptionGuard",
     "RNGState",

@@ -30,8 +30,8 @@ from torchkeep.errors import UnsupportedTypeError
 from torchkeep.manager.rng import RNGState
 from torchkeep.manager.sampler import ResumableSampler
 
-__all__ = ["PER_RANK", "PerRank", "Plan", "apply_state", "plan_state", "reshard_per_rank",
-           "state_dict", "target"]
+__all__ = ["PER_RANK", "ModelState", "PerRank", "Plan", "apply_state", "plan_state",
+           "reshard_per_rank", "state_dict", "target"]
 
 PER_RANK = "__per_rank__"
 
@@ -62,6 +62,22 @@ class PerRank:
         return f"PerRank({self.obj!r})"
 
 
+class ModelState:
+    """A module and the optimizers over its parameters, saved together through
+    ``get_model_state_dict`` / ``get_optimizer_state_dict``: for when an optimizer's
+    parameters span several modules of the state, so it cannot be paired automatically.
+    ``state["train"] = ModelState(model, opt)`` saves ``{"model": ..., "optim": [...]}``."""
+
+    def __init__(self, module: torch.nn.Module, *optimizers: torch.optim.Optimizer) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError("ModelState takes a module, then its optimizers")
+        self.module = module
+        self.optimizers = optimizers
+
+    def __repr__(self) -> str:
+        return f"ModelState({type(self.module).__name__}, {len(self.optimizers)} optimizers)"
+
+
 def _per_rank(value: Any) -> bool:
     return isinstance(value, (PerRank, RNGState, ResumableSampler))
 
@@ -79,6 +95,7 @@ class Plan:
     #: optimizer name -> the name of the module holding its parameters
     optimizers: dict[str, str] = field(default_factory=dict)
     per_rank: list[str] = field(default_factory=list)
+    wrapped: list[str] = field(default_factory=list)  # ModelState entries
     stateful: list[str] = field(default_factory=list)
     plain: list[str] = field(default_factory=list)
 
@@ -96,6 +113,8 @@ def plan_state(state: dict[str, Any]) -> Plan:
             plan.modules[name] = value
         elif isinstance(value, torch.optim.Optimizer):
             optimizers[name] = value
+        elif isinstance(value, ModelState):
+            plan.wrapped.append(name)
         elif _per_rank(value):
             plan.per_rank.append(name)
         elif _stateful(value):
@@ -109,7 +128,8 @@ def plan_state(state: dict[str, Any]) -> Plan:
         if not owners:
             raise UnsupportedTypeError(
                 f"optimizer {name!r}: no module in the state holds all its parameters; "
-                "put the model in the state next to it")
+                "put the model in the state next to it, or save both as "
+                "torchkeep.ModelState(model, optimizer)")
         plan.optimizers[name] = owners[0]
     return plan
 
@@ -122,6 +142,11 @@ def state_dict(state: dict[str, Any], plan: Plan, rank: int) -> dict[str, Any]:
         sd[name] = get_model_state_dict(module, options=options)
     for name, owner in plan.optimizers.items():
         sd[name] = get_optimizer_state_dict(plan.modules[owner], state[name], options=options)
+    for name in plan.wrapped:
+        wrapped = state[name]
+        sd[name] = {"model": get_model_state_dict(wrapped.module, options=options),
+                    "optim": [get_optimizer_state_dict(wrapped.module, o, options=options)
+                              for o in wrapped.optimizers]}
     for name in plan.stateful:
         sd[name] = state[name].state_dict()
     for name in plan.plain:
@@ -164,6 +189,11 @@ def apply_state(state: dict[str, Any], plan: Plan, loaded: dict[str, Any], rank:
     for name, owner in plan.optimizers.items():
         set_optimizer_state_dict(plan.modules[owner], state[name], loaded[name],
                                  options=options)
+    for name in plan.wrapped:
+        wrapped = state[name]
+        set_model_state_dict(wrapped.module, loaded[name]["model"], options=options)
+        for opt, osd in zip(wrapped.optimizers, loaded[name]["optim"], strict=True):
+            set_optimizer_state_dict(wrapped.module, opt, osd, options=options)
     for name in plan.stateful:
         state[name].load_state_dict(loaded[name])
     for name in plan.plain:
