@@ -177,9 +177,12 @@ class StepReader(StorageReader):
                         buffer.seek(0)
                         planner.load_bytes(item, buffer)
                     continue
+                target = planner.resolve_tensor(item).detach()
+                if self._read_into(fs, path, item, target):  # the same layout as saved
+                    planner.commit_tensor(item, target)
+                    continue
                 chunk = self._chunk(fs, path, item.storage_index)
                 source = chunk.narrow_to(item.storage_offsets, item.lengths)
-                target = planner.resolve_tensor(item).detach()
                 if target.size() != source.size():
                     raise CorruptCheckpointError(
                         f"tensor {item.storage_index.fqn!r}: the read of shape "
@@ -194,6 +197,35 @@ class StepReader(StorageReader):
         done: Future[None] = Future()
         done.set_result(None)
         return done
+
+    def _read_into(self, fs: FileSystem, path: str, item: Any, target: torch.Tensor) -> bool:
+        """Read a whole chunk straight into its destination (a CPU tensor, contiguous,
+        of the chunk's dtype and shape: a load at the layout it was saved in), then check
+        its checksum there; False when the general path is needed."""
+        info = self._storage.get(item.storage_index)
+        if (info is None or "file" not in info or any(item.storage_offsets)
+                or list(item.lengths) != list(info["shape"]) or target.device.type != "cpu"
+                or target.dtype != info["dtype"] or not target.is_contiguous()
+                or target.numel() * target.element_size() != info["nbytes"]
+                or not info["nbytes"]):
+            return False
+        name = info["file"]
+        source = self._sources.get(name)
+        if source is None:
+            source = self._sources[name] = fs.source(fs.join(path, name))
+        if info["offset"] + info["nbytes"] > source.size:
+            raise CorruptCheckpointError(
+                f"tensor {info['fqn']!r}: chunk {info['index']} runs past the end of {name} "
+                "(truncated)", source=fs.describe(path))
+        into: Any = target.reshape(-1).view(torch.uint8).numpy()
+        source.readinto(info["offset"], memoryview(into))
+        if self.verify and checksum(memoryview(into)) != info["xxh3"]:
+            raise IntegrityError(
+                f"tensor {info['fqn']!r}, chunk {info['index']} (offsets {info['offsets']}) "
+                f"in {name}:{info['offset']} does not match its checksum",
+                source=fs.describe(path))
+        self._checked.add((info["fqn"], info["index"]))
+        return True
 
     def _chunk(self, fs: FileSystem, path: str, index: MetadataIndex) -> _Chunk:
         info = self._storage.get(index)

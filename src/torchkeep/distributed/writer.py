@@ -36,6 +36,7 @@ from torchkeep.formats.manifest import (
 )
 from torchkeep.formats.treejson import TreeEncoder
 from torchkeep.storage.atomic import TMP_MARKER
+from torchkeep.storage.checksums import Overlapped
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.tensors import from_torch_dtype
 
@@ -145,15 +146,16 @@ class StepWriter(StorageWriter):
             offset = 0
             for item, tensor in tensors:
                 raw = tensor_bytes(tensor)
-                pad = -offset % ALIGNMENT
-                if pad:
-                    write(b"\0" * pad)
-                    offset += pad
-                if raw.nbytes:
-                    write(raw)
+                with Overlapped(checksum, raw) as digest:  # hashed while it is written
+                    pad = -offset % ALIGNMENT
+                    if pad:
+                        write(b"\0" * pad)
+                        offset += pad
+                    if raw.nbytes:
+                        write(raw)
                 results.append(WriteResult(item.index, raw.nbytes, {
                     "file": file_name, "offset": offset, "nbytes": raw.nbytes,
-                    "xxh3": checksum(raw)}))
+                    "xxh3": digest.result()}))
                 offset += raw.nbytes
 
         if tensors or self.rank == 0:
