@@ -41,6 +41,8 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     shown,
 )
+from torchkeep.formats.chunks import assemble as assemble_chunks
+from torchkeep.formats.chunks import tiling_problem
 from torchkeep.formats.detect import detect
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.torch_legacy import read_torch_legacy
@@ -651,27 +653,10 @@ class _Reader:
                      chunks: list[ChunkStorageMetadata]) -> None:
         """The chunks cover the tensor exactly: none overlap, and together they hold every
         element (all lie inside it already)."""
-        full = [c for c in chunks if math.prod(c.sizes)]
-        if not shape:
-            if len(full) != 1:
-                raise self.fail(f"{what}: a 0-d tensor needs exactly one chunk, has {len(full)}")
-            return
-        if len(full) > 1:
-            # sweep along the dimension the chunk offsets vary most in
-            axis = max(range(len(shape)), key=lambda d: len({c.offsets[d] for c in full}))
-            full.sort(key=lambda c: c.offsets[axis])
-            for i, a in enumerate(full):
-                end = a.offsets[axis] + a.sizes[axis]
-                for b in full[i + 1:]:
-                    if b.offsets[axis] >= end:
-                        break
-                    if all(a.offsets[d] < b.offsets[d] + b.sizes[d]
-                           and b.offsets[d] < a.offsets[d] + a.sizes[d]
-                           for d in range(len(shape))):
-                        raise self.fail(f"{what}: chunks at {list(a.offsets)} and "
-                                        f"{list(b.offsets)} overlap")
-        if sum(math.prod(c.sizes) for c in full) != math.prod(shape):
-            raise self.fail(f"{what}: its chunks do not cover it (elements missing)")
+        problem = tiling_problem(shape, [(c.offsets, c.sizes) for c in chunks], self.limits,
+                                 what)
+        if problem:
+            raise self.fail(f"{what}: {problem}")
 
     def unique_key(self, key: str) -> str:
         found, n = key, 0
@@ -841,25 +826,26 @@ _HOLE = object()  # a list slot no path has filled yet
 def _assemble(shape: tuple[int, ...], itemsize: int, chunks: list[_Chunk]) -> bytes:
     """The whole tensor's bytes (C order) from its chunks, each a view of its item's data."""
     kind = np.dtype(f"V{itemsize}")
-    out = np.empty(shape, dtype=kind)
-    for chunk in chunks:
-        if not math.prod(chunk.sizes):
-            continue
-        record = chunk.record
-        if record.offset is not None:
-            assert record.source is not None
-            raw = record.source.read(record.offset, record.nbytes)
-        else:
-            assert record.decode is not None
-            raw = record.decode()
-        if len(raw) != record.nbytes:
-            raise CorruptCheckpointError(f"{record.name}: decoded to the wrong size")
-        ref = chunk.ref
-        view: np.ndarray[Any, Any] = np.ndarray(
-            ref.shape, dtype=kind, buffer=raw, offset=ref.offset * itemsize,
-            strides=tuple(s * itemsize for s in ref.stride))
-        out[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))] = view
-    return out.tobytes()
+
+    def pieces() -> Any:
+        for chunk in chunks:
+            if not math.prod(chunk.sizes):
+                continue
+            record = chunk.record
+            if record.offset is not None:
+                assert record.source is not None
+                raw = record.source.read(record.offset, record.nbytes)
+            else:
+                assert record.decode is not None
+                raw = record.decode()
+            if len(raw) != record.nbytes:
+                raise CorruptCheckpointError(f"{record.name}: decoded to the wrong size")
+            ref = chunk.ref
+            yield chunk.offsets, chunk.sizes, np.ndarray(
+                ref.shape, dtype=kind, buffer=raw, offset=ref.offset * itemsize,
+                strides=tuple(s * itemsize for s in ref.stride))
+
+    return assemble_chunks(shape, itemsize, pieces())
 
 
 def read_dcp_dir(

@@ -36,6 +36,8 @@ from torchkeep.errors import (
     UnsupportedFormatError,
     shown,
 )
+from torchkeep.formats.chunks import assemble as assemble_chunks
+from torchkeep.formats.chunks import tiling_problem
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe
 from torchkeep.formats.treejson import TreeDecoder, TreeEncoder, contiguous_strides
@@ -304,41 +306,28 @@ def read_step_dir(
 
     def check_coverage(tensor_name: str, shape: tuple[int, ...], chunks: list[Any]) -> None:
         """The chunks tile the tensor exactly: every element in one chunk, none in two."""
-        if not math.prod(shape):
-            return
-        boxes = [(tuple(c["offsets"]), tuple(c["shape"])) for c in chunks]
-        # the grid the chunk edges cut the tensor into; paint each chunk's cells once
-        edges = [sorted({0, size, *(o[d] for o, _ in boxes), *(o[d] + n[d] for o, n in boxes)})
-                 for d, size in enumerate(shape)]
-        cells = math.prod(len(e) - 1 for e in edges)
-        limits.check("max_chunk_cells", cells, f"tensor {tensor_name!r} chunk grid")
-        painted = np.zeros(tuple(len(e) - 1 for e in edges), dtype=np.int32)
-        for offsets, extent in boxes:
-            if not math.prod(extent):
-                continue
-            where = tuple(slice(e.index(o), e.index(o + n))
-                          for e, o, n in zip(edges, offsets, extent, strict=True))
-            painted[where] += 1
-        if not (painted == 1).all():
-            raise fail(f"tensor {tensor_name!r}: its chunks do not tile it (a gap or an "
-                       "overlap)")
+        boxes = [(c["offsets"], c["shape"]) for c in chunks]
+        problem = tiling_problem(shape, boxes, limits, f"tensor {tensor_name!r}")
+        if problem:
+            raise fail(f"tensor {tensor_name!r}: {problem}")
 
     def assemble(tensor_name: str, shape: tuple[int, ...], itemsize: int, chunks: list[Any],
                  parts: tuple[Record, ...]) -> bytes:
         """The whole tensor from its chunks, each checked against its checksum."""
-        out = np.zeros(shape, dtype=np.dtype(f"V{itemsize}")) if itemsize else None
-        assert out is not None
-        for chunk, part in zip(chunks, parts, strict=True):
-            assert part.source is not None and part.offset is not None
-            raw = part.source.read(part.offset, part.nbytes)
-            if verify and checksum(raw) != part.xxh3:
-                raise IntegrityError(
-                    f"tensor {tensor_name!r} of step {step}: {part.name} does not match its "
-                    "checksum", source=name)
-            extent = tuple(chunk["shape"])
-            where = tuple(slice(o, o + n) for o, n in zip(chunk["offsets"], extent, strict=True))
-            out[where] = np.frombuffer(raw, dtype=out.dtype).reshape(extent)
-        return out.tobytes()
+
+        def pieces() -> Any:
+            for chunk, part in zip(chunks, parts, strict=True):
+                assert part.source is not None and part.offset is not None
+                raw = part.source.read(part.offset, part.nbytes)
+                if verify and checksum(raw) != part.xxh3:
+                    raise IntegrityError(
+                        f"tensor {tensor_name!r} of step {step}: {part.name} does not match "
+                        "its checksum", source=name)
+                extent = tuple(chunk["shape"])
+                values = np.frombuffer(raw, dtype=np.dtype(f"V{itemsize}")).reshape(extent)
+                yield chunk["offsets"], extent, values
+
+        return assemble_chunks(shape, itemsize, pieces())
 
     for tensor_name, entry in entries.items():
         try:
