@@ -209,22 +209,8 @@ class StepReader(StorageReader):
                 or target.numel() * target.element_size() != info["nbytes"]
                 or not info["nbytes"]):
             return False
-        name = info["file"]
-        source = self._sources.get(name)
-        if source is None:
-            source = self._sources[name] = fs.source(fs.join(path, name))
-        if info["offset"] + info["nbytes"] > source.size:
-            raise CorruptCheckpointError(
-                f"tensor {info['fqn']!r}: chunk {info['index']} runs past the end of {name} "
-                "(truncated)", source=fs.describe(path))
         into: Any = target.reshape(-1).view(torch.uint8).numpy()
-        source.readinto(info["offset"], memoryview(into))
-        if self.verify and checksum(memoryview(into)) != info["xxh3"]:
-            raise IntegrityError(
-                f"tensor {info['fqn']!r}, chunk {info['index']} (offsets {info['offsets']}) "
-                f"in {name}:{info['offset']} does not match its checksum",
-                source=fs.describe(path))
-        self._checked.add((info["fqn"], info["index"]))
+        self._fill(fs, path, info, memoryview(into))
         return True
 
     def _chunk(self, fs: FileSystem, path: str, index: MetadataIndex) -> _Chunk:
@@ -234,6 +220,14 @@ class StepReader(StorageReader):
                                          source=fs.describe(path))
         if "tensor" in info:
             return _Chunk(info["tensor"])
+        raw = np.empty(info["nbytes"], dtype=np.uint8)
+        self._fill(fs, path, info, raw.data)
+        tensor = torch.from_numpy(raw).view(info["dtype"]).reshape(info["shape"])
+        return _Chunk(tensor)
+
+    def _fill(self, fs: FileSystem, path: str, info: dict[str, Any], out: memoryview) -> None:
+        """Read chunk ``info``'s bytes into ``out`` and check them against its checksum
+        (once per chunk and rank)."""
         name = info["file"]
         source = self._sources.get(name)
         if source is None:
@@ -242,19 +236,16 @@ class StepReader(StorageReader):
             raise CorruptCheckpointError(
                 f"tensor {info['fqn']!r}: chunk {info['index']} runs past the end of {name} "
                 "(truncated)", source=fs.describe(path))
-        raw = np.empty(info["nbytes"], dtype=np.uint8)
-        if raw.nbytes:
-            source.readinto(info["offset"], raw.data)
+        if out.nbytes:
+            source.readinto(info["offset"], out)
         key = (info["fqn"], info["index"])
         if self.verify and key not in self._checked:
-            if checksum(raw.data) != info["xxh3"]:
+            if checksum(out) != info["xxh3"]:
                 raise IntegrityError(
                     f"tensor {info['fqn']!r}, chunk {info['index']} (offsets "
                     f"{info['offsets']}) in {name}:{info['offset']} does not match its "
                     "checksum", source=fs.describe(path))
             self._checked.add(key)
-        tensor = torch.from_numpy(raw).view(info["dtype"]).reshape(info["shape"])
-        return _Chunk(tensor)
 
 
 class _Chunk:

@@ -9,6 +9,7 @@ renames the directory into place: a rank killed at any moment leaves no visible 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -116,8 +117,6 @@ class StepWriter(StorageWriter):
         tmp = fs.join(parent or ".", f".{name}{TMP_MARKER}{secrets.token_hex(4)}")
         fs.makedirs(tmp)
         self.tmp = tmp
-        import dataclasses
-
         return [dataclasses.replace(plan, storage_data={"dir": tmp,
                                                         "file": data_file_name(i)})
                 for i, plan in enumerate(plans)]
