@@ -95,8 +95,8 @@ class StepReader(StorageReader):
             return self._tree_metadata(fs, path)
         state: dict[str, Any] = {}
         storage: dict[MetadataIndex, dict[str, Any]] = {}
-        # the manifest's structure is checked by the single-process reader: parse it once
-        read_step_dir(path, fs=fs, verify=False).close()
+        # the manifest's structure is checked by the single-process reader
+        read_step_dir(path, fs=fs, verify=False, manifest=manifest).close()
         for fqn, entry in manifest["tensors"].items():
             dtype = to_torch_dtype(dtypes.by_name(entry["dtype"]))
             chunks = []

@@ -254,16 +254,19 @@ def read_step_dir(
     fs: FileSystem | None = None,
     limits: Limits = DEFAULT_LIMITS,
     verify: bool = True,
+    manifest: dict[str, Any] | None = None,
 ) -> Parsed:
     """Parse a committed step directory into placeholders.
 
     With ``verify`` every tensor's checksum is checked when its bytes are read, and a
-    mismatch raises IntegrityError naming the tensor and the step.
+    mismatch raises IntegrityError naming the tensor and the step. ``manifest``: the
+    directory's manifest as ``read_manifest`` returned it, when the caller has it already.
     """
     if fs is None:
         fs, directory = open_filesystem(directory)
     name = fs.describe(directory)
-    manifest = read_manifest(fs, directory, verify=verify)
+    if manifest is None:
+        manifest = read_manifest(fs, directory, verify=verify)
     step = manifest.get("step")
     entries = manifest.get("tensors")
     if not isinstance(entries, dict):
