@@ -77,12 +77,6 @@ class Collective:
         """Wait for every rank."""
         dist.barrier(group=self.group)
 
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank when ``ok`` is True on every rank."""
-        box: list[Any] = [None] * self.world
-        dist.all_gather_object(box, ok, group=self.group)
-        return all(box)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Failed:
