@@ -27,6 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bytecode import compile_torchkeep  # noqa: E402
 from pagecache import settle  # noqa: E402
 from torchkeep.distributed.launch import run_ranks  # noqa: E402
 
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--kinds", default="model,small")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    compile_torchkeep()  # what an installed torchkeep has (bench/bytecode.py)
     rows = []
     with tempfile.TemporaryDirectory(prefix="torchkeep-bench-dist-",
                                      dir=os.environ.get("TORCHKEEP_BENCH_DIR")) as tmp:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bytecode import compile_torchkeep
 from pagecache import read_through, settle
 
 HERE = Path(__file__).resolve().parent
@@ -214,6 +215,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds, 0.25 GiB, 1 GiB inspect")
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
+    compile_torchkeep()  # what an installed torchkeep has (bench/bytecode.py)
     if args.quick:
         args.rounds, args.gib, args.inspect_gib = 3, 0.25, 1.0
     ENV["TORCHKEEP_BENCH_GIB"] = str(args.gib)
