@@ -20,6 +20,7 @@ from torchkeep.formats.parsed import Parsed
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.atomic import write_atomically
 from torchkeep.storage.gcpause import gc_paused
+from torchkeep.storage.remote import READ_ONLY, is_url, protocol_of, write_remote
 from torchkeep.storage.source import Source, open_source
 from torchkeep.tree import StorageRef
 from torchkeep.unpickle import Allowlist, AllowSpec
@@ -133,26 +134,31 @@ def save(
     *,
     format: str | None = None,
     options: SaveOptions = DEFAULT_SAVE,
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Save ``obj`` (a tree of tensors, containers and plain values) to ``f``.
 
-    ``f`` is a path or a writable binary file object. The format comes from ``format``
+    ``f`` is a path, an fsspec URL (``s3://bucket/ckpt.pt``; ``storage_options`` go to
+    fsspec) or a writable binary file object. The format comes from ``format``
     (``torch``, ``torch-legacy``, ``safetensors``) or the path's suffix (``.safetensors``;
     anything else is the torch zip format, as for file objects). ``torch`` output is read
     by stock ``torch.load(weights_only=True)``; ``safetensors`` output by the safetensors
     library (with the rest of the tree kept in its metadata).
 
     Saving to a path is atomic: nothing at ``f`` changes unless the whole file was
-    written (and, with ``options.durable``, fsynced). Unsupported objects raise
-    UnsupportedTypeError naming where they sit (``obj['model']['fc1']: ...``).
+    written (and, with ``options.durable``, fsynced). Saving to an object store uploads
+    in parts while the file is produced and the object appears only when complete.
+    Unsupported objects raise UnsupportedTypeError naming where they sit
+    (``obj['model']['fc1']: ...``).
     """
     fmt = resolve_format(f, format)
     with gc_paused():
-        write_tree(obj, f, fmt, Describer(), options)
+        write_tree(obj, f, fmt, Describer(), options, storage_options=storage_options)
 
 
-def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOptions) -> None:
-    """Write ``obj`` to ``f`` in ``fmt`` with ``describer`` (atomic for paths)."""
+def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOptions, *,
+               storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``obj`` to ``f`` in ``fmt`` with ``describer`` (atomic for paths and URLs)."""
     from torchkeep.formats.safetensors import write_safetensors
     from torchkeep.formats.torch_legacy import write_torch_legacy
     from torchkeep.formats.torch_zip import (
@@ -180,8 +186,12 @@ def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOp
             write_safetensors(obj, write, describe=describer,
                               storage_bytes=describer.storage_bytes)
 
+    if is_url(f):
+        write_remote(os.fspath(f), produce, storage_options=storage_options)
+        return
     if isinstance(f, (str, os.PathLike)):
-        write_atomically(f, produce, fsync=options.durable)
+        write_atomically(str(os.fspath(f)).removeprefix("file://"), produce,
+                         fsync=options.durable)
         return
     if not hasattr(f, "write"):
         raise TypeError(f"save() needs a path or a writable binary file, got {type(f).__name__}")
@@ -196,11 +206,17 @@ def write_tree(obj: Any, f: Any, fmt: str, describer: Describer, options: SaveOp
 # -- loading ----------------------------------------------------------------------------
 
 
-def step_directory(f: Any) -> str | None:
-    """``f`` as a step directory (a local folder or an fsspec URL), else None (a file)."""
+def step_directory(f: Any, storage_options: dict[str, Any] | None = None) -> str | None:
+    """``f`` as a directory (a local folder or a folder at an fsspec URL), else None."""
     if isinstance(f, (str, os.PathLike)):
         text = str(os.fspath(f))
-        if "://" in text or os.path.isdir(text):
+        if is_url(text):
+            from torchkeep.storage.remote import remote_errors, url_filesystem
+
+            fs, path = url_filesystem(text, storage_options)
+            with remote_errors(text, "looking up"):
+                return text if protocol_of(text) not in READ_ONLY and fs.isdir(path) else None
+        if os.path.isdir(text.removeprefix("file://")):
             return text
     return None
 
@@ -210,12 +226,14 @@ def parse(
     *,
     allow: Iterable[AllowSpec] = (),
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: dict[str, Any] | None = None,
 ) -> Parsed:
     """Parse ``f`` into placeholders (no tensor bytes read). The caller closes the result."""
-    directory = step_directory(f)
+    directory = step_directory(f, storage_options)
     if directory is not None:
-        return parse_directory(directory, allowlist=Allowlist(allow), limits=limits)
-    source = open_source(f)
+        return parse_directory(directory, allowlist=Allowlist(allow), limits=limits,
+                               storage_options=storage_options)
+    source = open_source(f, storage_options=storage_options)
     try:
         return parse_source(source, allowlist=Allowlist(allow), limits=limits)
     except BaseException:
@@ -223,12 +241,13 @@ def parse(
         raise
 
 
-def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits) -> Parsed:
+def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits,
+                    storage_options: dict[str, Any] | None = None) -> Parsed:
     """Parse a directory: a DCP checkpoint, else a torchkeep step directory."""
     from torchkeep.formats.detect import directory_format
     from torchkeep.storage.filesystem import open_filesystem
 
-    fs, path = open_filesystem(directory)
+    fs, path = open_filesystem(directory, storage_options=storage_options)
     if directory_format(fs, path) == "dcp":
         from torchkeep.formats.dcp import read_dcp_dir
 
@@ -292,10 +311,13 @@ def load(
     backend: Backend = "torch",
     allow: Iterable[AllowSpec] = (),
     limits: Limits = DEFAULT_LIMITS,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Load a checkpoint without ever running code from it.
 
-    ``f``: a path, a binary file object or bytes; the format is found from the content
+    ``f``: a path, an fsspec URL (``s3://``, ``https://``...; ``storage_options`` go to
+    fsspec; only the byte ranges needed are fetched, concurrently, straight into the
+    tensors' buffers), a binary file object or bytes; the format is found from the content
     (torch zip, legacy torch, safetensors, a plain pickle, a torchkeep step directory, a
     torch.distributed.checkpoint directory).
     ``map_location`` has torch.load's meaning (str, torch.device, dict, callable).
@@ -309,7 +331,7 @@ def load(
     (see UnsafeCheckpointError); ``limits`` raises parser limits for trusted files.
     """
     with gc_paused():
-        parsed = parse(f, allow=allow, limits=limits)
+        parsed = parse(f, allow=allow, limits=limits, storage_options=storage_options)
     try:
         with gc_paused():
             return materializer(parsed, backend=backend, map_location=map_location,

@@ -26,6 +26,7 @@ from torchkeep.formats.parsed import Parsed
 from torchkeep.formats.treejson import contiguous_strides
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.atomic import write_atomically
+from torchkeep.storage.remote import is_url
 from torchkeep.tree import StorageRef, TensorRef, iter_tensors, join_path, map_tree
 
 __all__ = ["ConversionResult", "convert", "parse_size", "select"]
@@ -145,8 +146,9 @@ def convert(
         placeholders = _Placeholders(parsed, describer)
         tree, cast = placeholders.register_tree(tree, target, limits)
         fmt = resolve_format(dst, to)
+        remote = is_url(dst)
         folder = os.path.dirname(os.fspath(dst))
-        if folder:
+        if folder and not remote:
             os.makedirs(folder, exist_ok=True)
         result = ConversionResult(cast=cast)
         tensors = list(iter_tensors(tree, limits=limits))
@@ -154,10 +156,12 @@ def convert(
         if max_shard_bytes is None:
             write_tree(tree, dst, fmt, describer, options)
             result.files.append(os.fspath(dst))
+        elif remote:
+            raise ValueError("max_shard_bytes writes local files only")
         else:
             _write_shards(tree, tensors, os.fspath(dst), fmt, describer, options,
                           max_shard_bytes, result)
-        result.bytes = sum(os.path.getsize(f) for f in result.files)
+        result.bytes = sum(_size(f) for f in result.files)
         return result
     finally:
         parsed.close()
@@ -220,4 +224,13 @@ def _non_tensor_leaves(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
         if not isinstance(leaf, TensorRef):
             found.append((path, leaf))
     return found
+
+
+def _size(path: str) -> int:
+    if is_url(path):
+        from torchkeep.storage.remote import url_filesystem
+
+        fs, inner = url_filesystem(path)
+        return int(fs.size(inner))
+    return os.path.getsize(path)
 

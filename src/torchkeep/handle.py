@@ -22,8 +22,9 @@ class CheckpointHandle:
     """
 
     def __init__(self, f: Any, *, allow: Iterable[AllowSpec] = (),
-                 limits: Limits = DEFAULT_LIMITS) -> None:
-        self._parsed = parse(f, allow=allow, limits=limits)
+                 limits: Limits = DEFAULT_LIMITS,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self._parsed = parse(f, allow=allow, limits=limits, storage_options=storage_options)
         self._limits = limits
         self._materializers: dict[tuple[str, Any, Any], Any] = {}
         infos: dict[str, TensorInfo] = {}
@@ -114,6 +115,9 @@ class CheckpointHandle:
 
 
 def open_checkpoint(f: Any, *, allow: Iterable[AllowSpec] = (),
-                    limits: Limits = DEFAULT_LIMITS) -> CheckpointHandle:
-    """Open ``f`` lazily: tree and tensor metadata now, tensor bytes on demand."""
-    return CheckpointHandle(f, allow=allow, limits=limits)
+                    limits: Limits = DEFAULT_LIMITS,
+                    storage_options: dict[str, Any] | None = None) -> CheckpointHandle:
+    """Open ``f`` lazily: tree and tensor metadata now, tensor bytes on demand. At an
+    fsspec URL only the header or pickle is fetched now, each tensor's byte range (in
+    concurrent parts) when it is read."""
+    return CheckpointHandle(f, allow=allow, limits=limits, storage_options=storage_options)

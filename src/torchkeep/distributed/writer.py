@@ -95,6 +95,10 @@ class StepWriter(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.fs, self.path = open_filesystem(checkpoint_id)
+            if not self.fs.atomic_rename:  # the cross-rank commit is a directory rename
+                raise StorageError("sharded steps need a file system with atomic renames "
+                                   "(a local or shared one); object stores are not "
+                                   "supported for them yet", source=os.fspath(checkpoint_id))
         self.tmp = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:

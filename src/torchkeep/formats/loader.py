@@ -80,6 +80,11 @@ class StorageLoader:
             for start in range(0, record.nbytes, _PIECE_BYTES):
                 jobs.append((source, record.offset + start, view[start : start + _PIECE_BYTES]))
             total += record.nbytes
+        remote = [job for job in jobs if job[0].remote]
+        if remote:  # coalesced and concurrent ranged requests (storage/remote.py)
+            jobs = [job for job in jobs if not job[0].remote]
+            for source in {id(job[0]): job[0] for job in remote}.values():
+                source.readinto_many([(o, v) for s, o, v in remote if s is source])
         if total < _PARALLEL_BYTES:
             for source, offset, view in jobs:
                 source.readinto(offset, view)

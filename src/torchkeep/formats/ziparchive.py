@@ -134,6 +134,8 @@ class ZipArchive:
         self.end_span = (dir_end, eocd_pos + END_RECORD.size)
 
     def _parse_directory(self, directory: bytes, count: int, cd_offset: int) -> None:
+        if self.source.remote:  # every local header in a few concurrent requests
+            self.source.prefetch(_local_header_hints(directory, count))
         pos = 0
         members: list[ZipMember] = []
         for _ in range(count):
@@ -295,3 +297,20 @@ class ZipArchive:
         if len(data) != member.size or inflater.unconsumed_tail or not inflater.eof:
             raise self._fail(f"record {member.name!r}: deflated size does not match its header")
         return data
+
+
+def _local_header_hints(directory: bytes, count: int) -> list[tuple[int, int]]:
+    """Where the local headers probably are (offset, size) by a lenient pass over the
+    central directory; only a prefetch hint: the real parse checks everything."""
+    hints = []
+    pos = 0
+    for _ in range(count):
+        if pos + CENTRAL_HEADER.size > len(directory):
+            break
+        fields = CENTRAL_HEADER.unpack_from(directory, pos)
+        nlen, xlen, clen, offset = fields[10], fields[11], fields[12], fields[16]
+        if offset != 0xFFFFFFFF:  # zip64 offsets live in the extra field: not hinted
+            hints.append((offset, LOCAL_HEADER.size + nlen + 64))
+        pos += CENTRAL_HEADER.size + nlen + xlen + clen
+    return hints
+

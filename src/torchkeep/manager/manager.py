@@ -112,8 +112,10 @@ class CheckpointManager:
     ``state`` maps names to objects with ``state_dict()`` / ``load_state_dict()`` (modules,
     optimizers, schedulers, grad scalers, samplers, RNGState...) or to plain values
     (numbers, strings, tensors, containers). ``directory`` is a local path or an fsspec
-    URL. Leftovers of interrupted saves are removed (and listed in ``cleaned``) when the
-    manager opens the directory.
+    URL (``s3://bucket/runs/a``; ``storage_options`` go to fsspec; on object stores a
+    step is written in place and committed by its marker, written last). Leftovers of
+    interrupted saves are removed (and listed in ``cleaned``) when the manager opens the
+    directory.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class CheckpointManager:
         keep_every_steps: int | None = _UNSET,
         async_save: bool = _UNSET,
         options: ManagerOptions | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         given: dict[str, Any] = {
             "keep_last": keep_last, "keep_best": keep_best, "best_metric": best_metric,
@@ -138,7 +141,7 @@ class CheckpointManager:
         if overrides:
             base = dataclasses.replace(base, **overrides)
         self.options = base
-        self.run = RunDirectory(directory)
+        self.run = RunDirectory(directory, storage_options=storage_options)
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | Any = None  # a Future, or a sharded PendingSave
         self._inflight_step: int | None = None
@@ -274,8 +277,12 @@ class CheckpointManager:
         metrics: dict[str, Any],
     ) -> None:
         fs = self.fs
-        tmp = fs.join(self.root, temporary_name(step))
         final = self.step_path(step)
+        # where renames are atomic the step is written under a temporary name and renamed;
+        # on object stores (no atomic rename) it is written in place, the marker last
+        tmp = fs.join(self.root, temporary_name(step)) if fs.atomic_rename else final
+        if not fs.atomic_rename:
+            self.run.prepare_in_place(step)
         durable = self.options.durable
         try:
             write_step(
@@ -285,7 +292,8 @@ class CheckpointManager:
                        "torchkeep_version": torchkeep.__version__,
                        "retention": dataclasses.asdict(self.options.retention_spec())},
             )
-            fs.rename(tmp, final)
+            if tmp != final:
+                fs.rename(tmp, final)
         except BaseException:
             with contextlib.suppress(Exception):
                 if fs.exists(tmp):

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
+from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
 from torchkeep.formats.manifest import MARKER_NAME, read_manifest
 from torchkeep.manager.layout import deleting_name, is_leftover, parse_step_name, step_name
 from torchkeep.manager.retention import (
@@ -45,8 +45,9 @@ class StepSummary:
 class RunDirectory:
     """The committed steps of one run directory and the operations on them."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
-        fs, root = open_filesystem(directory)
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        fs, root = open_filesystem(directory, storage_options=storage_options)
         self.fs = fs
         self.root = root
         self._display = str(os.fspath(directory))
@@ -146,6 +147,16 @@ class RunDirectory:
         """What ``policy`` keeps (with reasons) and deletes among the committed steps."""
         return plan_retention(self.infos(), policy, best_metric=best_metric, best_mode=best_mode)
 
+    def prepare_in_place(self, step: int) -> None:
+        """Before a step is written in place (object stores): refuse a committed one, and
+        remove what an interrupted save of the same step left (it has no marker)."""
+        path = self.step_path(step)
+        if self.fs.exists(self.fs.join(path, MARKER_NAME)):
+            raise StorageError("renaming failed: destination exists (a committed step)",
+                               source=self.fs.describe(path))
+        if self.fs.exists(path):
+            self.fs.rmtree(path)
+
     def delete(self, steps: list[int], *, durable: bool = True,
                background: bool = False) -> list[int]:
         """Delete committed steps safely (rename away, sync, remove); returns those deleted.
@@ -158,7 +169,12 @@ class RunDirectory:
         for step in steps:
             doomed = self.fs.join(self.root, deleting_name(step))
             try:
-                self.fs.rename(self.step_path(step), doomed)
+                if self.fs.atomic_rename:
+                    self.fs.rename(self.step_path(step), doomed)
+                else:  # no atomic rename: the marker goes first, so the step is never
+                    # listed half-removed; the rest is a leftover until removed
+                    doomed = self.step_path(step)
+                    self.fs.remove(self.fs.join(doomed, MARKER_NAME))
                 if durable:
                     self.fs.fsync_dir(self.root)
                 with self._lock:

@@ -7,9 +7,18 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from torchkeep.errors import MissingDependencyError, StorageError
+from torchkeep.errors import CheckpointNotFoundError, StorageError
 from torchkeep.storage.atomic import Write, fsync_dir, writer_for_fd
 from torchkeep.storage.oserrors import translated
+from torchkeep.storage.remote import (
+    RemoteSource,
+    is_url,
+    protocol_of,
+    remote_errors,
+    retried,
+    url_filesystem,
+    write_remote,
+)
 from torchkeep.storage.source import Source, open_source
 
 __all__ = ["FileSystem", "FsspecFileSystem", "LocalFileSystem", "open_filesystem"]
@@ -59,6 +68,10 @@ class FileSystem:
 
     def rmtree(self, path: str) -> None:
         """Remove folder ``path`` and everything in it."""
+        raise NotImplementedError
+
+    def remove(self, path: str) -> None:
+        """Remove file ``path``."""
         raise NotImplementedError
 
     def fsync_dir(self, path: str) -> None:
@@ -127,6 +140,10 @@ class LocalFileSystem(FileSystem):
         with translated(path, "removing", missing_is_not_found=True):
             shutil.rmtree(path)
 
+    def remove(self, path: str) -> None:
+        with translated(path, "removing", missing_is_not_found=True):
+            os.unlink(path)
+
     def fsync_dir(self, path: str) -> None:
         with translated(path, "syncing the folder", missing_is_not_found=True):
             fsync_dir(path)
@@ -137,7 +154,9 @@ class LocalFileSystem(FileSystem):
 
 
 class FsspecFileSystem(FileSystem):
-    """Any fsspec file system. Renames and durability are as good as the backend's."""
+    """Any fsspec file system. Object stores have no atomic rename: run directories on
+    them commit by writing the marker last (manager/rundir.py). Failures are
+    translated into torchkeep errors naming the URL; reads are ranged requests."""
 
     def __init__(self, fs: Any, protocol: str) -> None:
         self.fs = fs
@@ -148,63 +167,69 @@ class FsspecFileSystem(FileSystem):
 
     def listdir(self, path: str) -> list[str]:
         try:
-            entries = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
+            with remote_errors(self.describe(path), "listing"):
+                entries = self.fs.ls(path, detail=False, refresh=True)
+        except CheckpointNotFoundError:
             return []
-        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        base = path.rstrip("/")
+        names = (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries
+                 if str(e).rstrip("/") != base)
+        return sorted(set(names))
 
     def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(path))
+        with remote_errors(self.describe(path), "looking up"):
+            return bool(self.fs.exists(path))
 
     def isdir(self, path: str) -> bool:
-        return bool(self.fs.isdir(path))
+        with remote_errors(self.describe(path), "looking up"):
+            return bool(self.fs.isdir(path))
 
     def makedirs(self, path: str) -> None:
-        with translated(path, "creating the folder", missing_is_not_found=True):
+        with remote_errors(self.describe(path), "creating the folder"):
             self.fs.makedirs(path, exist_ok=True)
 
     def write_file(self, path: str, produce: Callable[[Write], None], *, fsync: bool) -> None:
-        with translated(path, "writing", missing_is_not_found=True), self.fs.open(path, "wb") as f:
-            produce(f.write)
+        write_remote(self.describe(path), produce, fs=self.fs, path=path)
 
     def read_bytes(self, path: str) -> bytes:
-        with translated(path, "reading", missing_is_not_found=True):
-            return bytes(self.fs.cat_file(path))
+        return retried(lambda: bytes(self.fs.cat_file(path)), self.describe(path), "reading")
 
     def source(self, path: str) -> Source:
-        return open_source(self.read_bytes(path))
+        url = self.describe(path)
+        info = retried(lambda: self.fs.info(path), url, "opening")
+        return RemoteSource(self.fs, path, url=url, size=int(info["size"]))
 
     def rename(self, src: str, dst: str) -> None:
-        with translated(src, "renaming", missing_is_not_found=True):
+        with remote_errors(self.describe(src), "renaming"):
             if self.fs.exists(dst):
                 raise FileExistsError(17, "destination exists", dst)
             self.fs.mv(src, dst, recursive=True)
 
+    def remove(self, path: str) -> None:
+        """Remove file ``path``."""
+        with remote_errors(self.describe(path), "removing"):
+            self.fs.rm_file(path)
+
     def rmtree(self, path: str) -> None:
-        with translated(path, "removing", missing_is_not_found=True):
+        with remote_errors(self.describe(path), "removing"):
             self.fs.rm(path, recursive=True)
 
     def size(self, path: str) -> int:
-        with translated(path, "stat", missing_is_not_found=True):
+        with remote_errors(self.describe(path), "stat"):
             return int(self.fs.size(path))
 
     def describe(self, path: str) -> str:
         return f"{self.protocol}://{path.lstrip('/')}" if "://" not in path else path
 
 
-def open_filesystem(directory: str | os.PathLike[str]) -> tuple[FileSystem, str]:
-    """The file system and path of ``directory`` (a local path or an fsspec URL)."""
+def open_filesystem(directory: str | os.PathLike[str], *,
+                    storage_options: dict[str, Any] | None = None) -> tuple[FileSystem, str]:
+    """The file system and path of ``directory`` (a local path or an fsspec URL;
+    ``storage_options`` go to fsspec)."""
     text = os.fspath(directory)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
-    if "://" in text and not text.startswith("file://"):
-        try:
-            import fsspec
-        except ImportError as e:
-            raise MissingDependencyError(
-                f"{text} needs fsspec (pip install fsspec)"
-            ) from e
-        fs, path = fsspec.core.url_to_fs(text)
-        protocol = text.split("://", 1)[0]
-        return FsspecFileSystem(fs, protocol), path
+    if is_url(text):
+        fs, path = url_filesystem(text, storage_options)
+        return FsspecFileSystem(fs, protocol_of(text)), path
     return LocalFileSystem(), os.path.abspath(text.removeprefix("file://"))

@@ -115,6 +115,20 @@ class Source:
         """True when several threads may ``readinto`` at once (a file descriptor: pread)."""
         return self._fd is not None
 
+    @property
+    def remote(self) -> bool:
+        """True when reads are network requests (storage/remote.py): callers batch them."""
+        return False
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        """A hint that small reads of these (offset, n) follow; remote sources fetch them
+        at once. Local reads are cheap enough one by one."""
+
+    def readinto_many(self, jobs: list[tuple[int, memoryview]]) -> None:
+        """``readinto`` for each (offset, buffer)."""
+        for offset, out in jobs:
+            self.readinto(offset, out)
+
     def memory(self) -> memoryview | None:
         """The whole input as a read-only buffer when it is already in memory."""
         return self._buffer
@@ -167,14 +181,22 @@ class Source:
             pass
 
 
-def open_source(f: Any) -> Source:
-    """Open ``f`` (path, binary file object, bytes-like) as a Source.
+def open_source(f: Any, *, storage_options: dict[str, Any] | None = None) -> Source:
+    """Open ``f`` (path, fsspec URL, binary file object, bytes-like) as a Source.
 
     A file object is read from its current position; a non-seekable stream is read into
-    memory first.
+    memory first. A URL is read by ranged requests (``storage_options`` go to fsspec).
     """
     if isinstance(f, Source):
         return f
+    from torchkeep.storage.remote import is_url
+
+    if is_url(f):
+        from torchkeep.storage.remote import open_remote
+
+        return open_remote(os.fspath(f), storage_options=storage_options)
+    if isinstance(f, str) and f.startswith("file://"):
+        f = f.removeprefix("file://")
     if isinstance(f, (str, os.PathLike)):
         path = os.fspath(f)
         if isinstance(path, bytes):
