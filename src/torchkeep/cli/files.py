@@ -14,6 +14,8 @@ __all__ = ["convert_command", "diff_command", "inspect_command", "scan_command",
 
 
 def _size_of(path: str) -> int:
+    if "://" in path:
+        return 0  # a URL: progress without a total
     try:
         if os.path.isdir(path):
             return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
@@ -199,7 +201,8 @@ def convert_command(src: str, dst: str, to: str | None, select_key: str | None,
                    "bytes": result.bytes, "cast": result.cast})
         return
     for path in result.files:
-        click.echo(f"wrote {path} ({human_bytes(os.path.getsize(path))})")
+        size = f" ({human_bytes(os.path.getsize(path))})" if "://" not in path else ""
+        click.echo(f"wrote {path}{size}")
     if result.index:
         click.echo(f"wrote {result.index}")
     cast = f", {result.cast} cast to {dtype}" if result.cast else ""

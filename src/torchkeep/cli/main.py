@@ -15,6 +15,7 @@ from torchkeep.cli.files import (
     scan_command,
     verify_command,
 )
+from torchkeep.cli.remote_option import with_storage_options
 from torchkeep.cli.runs import ls_command, prune_command
 from torchkeep.errors import TorchkeepError
 
@@ -57,7 +58,7 @@ def demo(files: bool, distributed: bool, seed: int | None) -> None:
 
 for _command in (inspect_command, diff_command, convert_command, scan_command, verify_command,
                  ls_command, prune_command):
-    cli.add_command(_command)
+    cli.add_command(with_storage_options(_command))
 
 
 def main(argv: list[str] | None = None) -> int:
