@@ -548,3 +548,19 @@ def test_sharded_save_to_an_object_store_is_refused_clearly() -> None:
 
     with pytest.raises(StorageError, match="atomic renames"):
         tkd.save({"w": torch.ones(2)}, "memory://tk-sharded/step")
+
+
+def test_remote_options_and_storage_options_blocks(s3: servers.S3Server, bucket: str) -> None:
+    sd = state(8, 512)
+    url = f"s3://{bucket}/streams.pt"
+    with torchkeep.storage_options(s3.options):  # what the CLI's --storage-option does
+        torchkeep.save(sd, url)
+        s3.control("reset")
+        assert same(torchkeep.load(url), sd)
+        one = s3.control("reset")["requests"]
+        with torchkeep.remote_options(RemoteOptions(streams=3)):
+            assert same(torchkeep.load(url), sd)
+        assert s3.control("reset")["requests"] == one + 2  # three GETs for the data, not one
+        with torchkeep.remote_options(RemoteOptions(part_bytes=5 * MiB, concurrency=2)), \
+                torchkeep.open(url) as ckpt:
+            assert torch.equal(ckpt["model/w6"], sd["model"]["w6"])

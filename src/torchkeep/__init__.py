@@ -30,6 +30,7 @@ from torchkeep.errors import (
 from torchkeep.handle import CheckpointHandle
 from torchkeep.handle import open_checkpoint as open
 from torchkeep.limits import Limits
+from torchkeep.storage.remote import RemoteOptions, remote_options, storage_options
 from torchkeep.tree import Device, PickledObject, Size, TensorInfo, TensorRef
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ __all__ = [
     "PickledObject",
     "PreemptionGuard",
     "RNGState",
+    "RemoteOptions",
     "ResumableSampler",
     "SaveOptions",
     "Size",
@@ -136,7 +138,9 @@ __all__ = [
     "load",
     "load_into",
     "open",
+    "remote_options",
     "save",
     "scan",
+    "storage_options",
     "verify",
 ]

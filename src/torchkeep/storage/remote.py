@@ -34,8 +34,8 @@ from torchkeep.storage.atomic import TMP_MARKER
 from torchkeep.storage.source import Source
 
 __all__ = [
-    "RemoteOptions", "RemoteSource", "is_url", "open_remote", "remote_errors", "storage_options",
-    "url_filesystem", "write_remote",
+    "RemoteOptions", "RemoteSource", "is_url", "open_remote", "remote_errors", "remote_options",
+    "storage_options", "url_filesystem", "write_remote",
 ]
 
 #: The extra that installs each protocol's package (``pip install 'torchkeep[s3]'``).
@@ -86,6 +86,24 @@ class RemoteOptions:
 
 
 DEFAULT_REMOTE = RemoteOptions()
+_CURRENT = [DEFAULT_REMOTE]
+
+
+@contextlib.contextmanager
+def remote_options(options: RemoteOptions) -> Iterator[None]:
+    """Within the block, remote reads and uploads use ``options`` (part size,
+    concurrency, retries, streams), e.g. ``with torchkeep.remote_options(
+    RemoteOptions(streams=8)): torchkeep.load("s3://...")``."""
+    _CURRENT.append(options)
+    try:
+        yield
+    finally:
+        _CURRENT.pop()
+
+
+def current_options(options: RemoteOptions | None = None) -> RemoteOptions:
+    """``options``, else those of the innermost ``remote_options`` block."""
+    return options if options is not None else _CURRENT[-1]
 
 
 def is_url(f: Any) -> bool:
@@ -211,8 +229,9 @@ def remote_errors(url: str, what: str) -> Iterator[None]:
 
 
 def retried(call: Callable[[], T], url: str, what: str,
-            options: RemoteOptions = DEFAULT_REMOTE) -> T:
+            options: RemoteOptions | None = None) -> T:
     """``call()``, retried on transient failures; a lasting failure is a StorageError."""
+    options = current_options(options)
     delay = options.backoff
     deadline = time.monotonic() + options.retry_seconds
     for attempt in range(options.retries + 1):
@@ -237,11 +256,11 @@ class RemoteSource(Source):
     """An object read by ranged requests; ``name`` is its URL."""
 
     def __init__(self, fs: Any, path: str, *, url: str, size: int,
-                 options: RemoteOptions = DEFAULT_REMOTE) -> None:
+                 options: RemoteOptions | None = None) -> None:
         super().__init__(name=url, size=size)
         self.fs = fs
         self.remote_path = path
-        self.options = options
+        self.options = current_options(options)
         self._spans: list[tuple[int, bytes]] = []  # fetched windows, newest last
         #: bytes received from the server (tests and the bench read it)
         self.fetched = 0
@@ -452,8 +471,9 @@ def _coalesce(ranges: list[tuple[int, int]], gap: int, limit: int) -> list[tuple
 
 
 def open_remote(url: str, *, storage_options: StorageOptions | None = None,
-                options: RemoteOptions = DEFAULT_REMOTE) -> RemoteSource:
+                options: RemoteOptions | None = None) -> RemoteSource:
     """``url`` opened for ranged reading (one metadata request for its size)."""
+    options = current_options(options)
     fs, path = url_filesystem(url, storage_options)
     info = retried(lambda: fs.info(path), url, "opening", options)
     if info.get("type") == "directory":
@@ -470,13 +490,14 @@ def open_remote(url: str, *, storage_options: StorageOptions | None = None,
 
 def write_remote(url: str, produce: Callable[[Callable[[Any], None]], None], *,
                  storage_options: StorageOptions | None = None, fs: Any = None,
-                 path: str | None = None, options: RemoteOptions = DEFAULT_REMOTE) -> None:
+                 path: str | None = None, options: RemoteOptions | None = None) -> None:
     """Create or replace the object at ``url`` with what ``produce(write)`` writes.
 
     The bytes are uploaded in parts of ``options.part_bytes`` while they are produced;
     the object becomes visible only when the upload completes. On any failure (including
     KeyboardInterrupt) the upload is aborted: nothing appears, an existing object stays.
     """
+    options = current_options(options)
     protocol = protocol_of(url)
     if protocol in READ_ONLY:
         raise StorageError(f"{protocol}:// is read-only", source=url)
