@@ -32,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/distributed.py
+	$(PY) bench/remote.py
 
 # every fuzz target for FUZZ_SECONDS; the long campaign: fuzz/campaign.py --runs 1000000
 FUZZ_SECONDS ?= 60
