@@ -564,3 +564,82 @@ def test_remote_options_and_storage_options_blocks(s3: servers.S3Server, bucket:
         with torchkeep.remote_options(RemoteOptions(part_bytes=5 * MiB, concurrency=2)), \
                 torchkeep.open(url) as ckpt:
             assert torch.equal(ckpt["model/w6"], sd["model"]["w6"])
+
+
+# -- local headers checked on first read (remote zips) -----------------------------------------
+
+
+def _served(tmp_path: Path, name: str, data: bytes) -> tuple[servers.HTTPFiles, str]:
+    (tmp_path / name).write_bytes(data)
+    server = servers.HTTPFiles(tmp_path)
+    return server, f"{server.url}/{name}"
+
+
+def _torch_bytes(sd: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    return buf.getvalue()
+
+
+def test_a_bad_local_header_of_a_large_record_fails_when_read(tmp_path: Path) -> None:
+    import zipfile
+
+    sd = {"big": torch.randn(1 << 19), "other": torch.randn(1 << 19), "small": torch.ones(3)}
+    data = bytearray(_torch_bytes(sd))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+        info = next(i for i in z.infolist() if i.file_size == 1 << 21 and
+                    torch.equal(torch.frombuffer(bytearray(z.read(i)), dtype=torch.float32),
+                                sd["big"]))
+    data[info.header_offset + 30] ^= 0x01  # the record's name in its local header
+    local = tmp_path / "local.pt"
+    local.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="names a different record"):
+        torchkeep.open(local)  # locally every header is checked at open
+    server, url = _served(tmp_path, "bad.pt", bytes(data))
+    try:
+        with torchkeep.open(url) as ckpt:  # remotely it is checked with the record's data
+            assert torch.equal(ckpt["other"], sd["other"])
+            with pytest.raises(CorruptCheckpointError, match="names a different record"):
+                ckpt["big"]
+        with pytest.raises(CorruptCheckpointError, match="names a different record"):
+            torchkeep.load(url)
+    finally:
+        server.stop()
+
+
+def test_a_zip_not_laid_out_like_torch_is_checked_up_front(tmp_path: Path) -> None:
+    import zipfile
+
+    sd = {"big": torch.randn(1 << 19), "b": torch.arange(5.0)}
+    original = _torch_bytes(sd)
+    repacked = io.BytesIO()  # the same records, rewritten unaligned by Python's zipfile
+    with zipfile.ZipFile(io.BytesIO(original)) as src, \
+            zipfile.ZipFile(repacked, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    server, url = _served(tmp_path, "repacked.pt", repacked.getvalue())
+    try:
+        assert same(torchkeep.load(url), sd)
+        with torchkeep.open(url) as ckpt:
+            assert torch.equal(ckpt["big"], sd["big"])
+    finally:
+        server.stop()
+
+
+def test_open_of_a_remote_torch_file_needs_few_requests(tmp_path: Path) -> None:
+    sd = {f"layer{i}": torch.randn(1 << 19) for i in range(30)}  # 30 x 2 MiB
+    server, url = _served(tmp_path, "m.pt", _torch_bytes(sd))
+    try:
+        server.requests = 0
+        with torchkeep.open(url) as ckpt:
+            opened = server.requests
+            server.requests = server.sent = 0
+            t = ckpt["layer17"]
+            assert server.requests == 1  # the record's header and data in one request
+            assert server.sent < (1 << 21) + 4096
+        assert torch.equal(t, sd["layer17"])
+        # its size, the first 64 KiB (magic, data.pkl and the small records after it), the
+        # last 64 KiB (end records, directory)
+        assert opened == 3, opened
+    finally:
+        server.stop()

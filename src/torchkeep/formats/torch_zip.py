@@ -47,7 +47,8 @@ def read_torch_zip(
     source: Source, *, allowlist: Allowlist, limits: Limits = DEFAULT_LIMITS
 ) -> Parsed:
     """Parse a torch zip checkpoint into placeholders without reading tensor bytes."""
-    archive = ZipArchive(source, limits=limits)
+    # remote: large records' local headers are checked when their data is read
+    archive = ZipArchive(source, limits=limits, defer_headers=True)
     kind = archive_format(archive.order)
     if kind != "torch":
         raise unsupported(kind, source.name)

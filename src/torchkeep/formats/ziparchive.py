@@ -8,9 +8,11 @@ disagree with the central directory, sizes that lie, data inside the directory).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torchkeep.errors import (
@@ -33,6 +35,18 @@ __all__ = ["ZipArchive", "ZipMember"]
 
 
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot expand a byte into more than ~1032 bytes
+#: With ``defer_headers`` on a remote source, stored records at least this large have their
+#: local header checked when their data is first read (fetched in the same request),
+#: instead of one request each at open.
+DEFER_BYTES = 1 << 20
+_ALIGNMENT = 64  # torch's writer (and torchkeep's) pad each record's data to 64 bytes
+
+
+def aligned_data_offset(header_offset: int, name_length: int) -> int:
+    """Where torch's zip writer puts a record's data: after the local header, the name and
+    an extra field of at least 4 bytes that pads the data to 64 bytes."""
+    start = header_offset + LOCAL_HEADER.size + name_length + 4
+    return start + (-start) % _ALIGNMENT
 
 
 @dataclass(slots=True)
@@ -57,9 +71,13 @@ class ZipMember:
 class ZipArchive:
     """The records of a zip archive, validated up front; data is read on demand."""
 
-    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, source: Source, *, limits: Limits = DEFAULT_LIMITS,
+                 defer_headers: bool = False) -> None:
         self.source = source
         self.limits = limits
+        #: remote sources only: large records' local headers are checked on first read
+        self._defer = defer_headers and source.remote
+        self._pending: dict[str, tuple[bytes, int, int, int, int, int, int]] = {}
         self.members: dict[str, ZipMember] = {}
         self.order: list[str] = []
         #: byte ranges of the central directory and of the end records (with the comment)
@@ -134,10 +152,12 @@ class ZipArchive:
         self.end_span = (dir_end, eocd_pos + END_RECORD.size)
 
     def _parse_directory(self, directory: bytes, count: int, cd_offset: int) -> None:
-        if self.source.remote:  # every local header in a few concurrent requests
-            self.source.prefetch(_local_header_hints(directory, count))
+        if self.source.remote:  # the local headers read now, in a few concurrent requests
+            limit = DEFER_BYTES if self._defer else None
+            self.source.prefetch(_local_header_hints(directory, count, limit))
         pos = 0
         members: list[ZipMember] = []
+        eager_aligned = True
         for _ in range(count):
             if pos + CENTRAL_HEADER.size > len(directory):
                 raise self._fail("central directory is truncated")
@@ -172,7 +192,14 @@ class ZipArchive:
                 raise self._fail(f"deflated record {name!r} claims an impossible size {usize}")
             if name in self.members:
                 raise self._fail(f"duplicate record {name!r}")
-            member = self._local(name, raw_name, flags, method, crc, csize, usize, offset)
+            if self._defer and method == 0 and DEFER_BYTES <= csize < 0xFFFFFFFF:
+                # (a zip64 record's local header has a zip64 field: not predicted)
+                member = ZipMember(name, method, flags, crc, csize, usize, offset,
+                                   aligned_data_offset(offset, nlen))
+                self._pending[name] = (raw_name, flags, method, crc, csize, usize, offset)
+            else:
+                member = self._local(name, raw_name, flags, method, crc, csize, usize, offset)
+                eager_aligned &= member.data_offset == aligned_data_offset(offset, nlen)
             if member.data_offset + csize > cd_offset:
                 raise self._fail(f"record {name!r} runs into the central directory")
             self.members[name] = member
@@ -180,6 +207,20 @@ class ZipArchive:
             members.append(member)
         if pos != len(directory):
             raise self._fail("central directory has trailing bytes")
+        if self._pending and (not eager_aligned or len(self._pending) == len(members)):
+            # not laid out as torch writes: every local header is read now, as locally
+            self.source.prefetch([(m.header_offset, LOCAL_HEADER.size + 4096)
+                                  for m in members if m.name in self._pending])
+            for i, m in enumerate(members):
+                args = self._pending.pop(m.name, None)
+                if args is not None:
+                    members[i] = self.members[m.name] = self._local(m.name, *args)
+                    if members[i].data_offset + members[i].compressed_size > cd_offset:
+                        raise self._fail(f"record {m.name!r} runs into the central directory")
+        for name in self._pending:
+            m = self.members[name]
+            self.source.expect(m.data_offset, m.header_offset,
+                               functools.partial(self._check_deferred, name))
         members.sort(key=lambda mem: mem.header_offset)
         for a, b in itertools.pairwise(members):
             if a.data_offset + a.compressed_size > b.header_offset:
@@ -229,6 +270,50 @@ class ZipArchive:
         ) else None
         if header is None:
             raise self._fail(f"record {name!r} has its local header past the end of the file")
+        return self._check_local(name, raw_name, flags, method, crc, csize, usize, offset,
+                                 header, lambda n: self.source.read(offset + LOCAL_HEADER.size, n))
+
+    def _check_deferred(self, name: str, header: bytes) -> None:
+        """Check a deferred record's local header (``header``: the bytes from it to the
+        predicted data offset) as ``_local`` would have; the data must be where the
+        prediction put it."""
+        args = self._pending.get(name)
+        if args is None:
+            return
+        member = self.members[name]
+        if len(header) < LOCAL_HEADER.size:
+            raise self._fail(f"record {name!r}: its local header is cut short")
+
+        def name_bytes(n: int) -> bytes:
+            if LOCAL_HEADER.size + n > len(header):
+                raise self._fail(f"record {name!r}: local header names a different record")
+            return header[LOCAL_HEADER.size : LOCAL_HEADER.size + n]
+
+        checked = self._check_local(name, *args, header[:LOCAL_HEADER.size], name_bytes)
+        if checked.data_offset != member.data_offset:
+            raise self._fail(f"record {name!r}: its local header puts the data at "
+                             f"{checked.data_offset}, not at {member.data_offset} where the "
+                             "archive's 64-byte alignment does (a file laid out unlike torch's)")
+        self._pending.pop(name, None)
+
+    def _verify_pending(self, member: ZipMember) -> None:
+        if member.name in self._pending:
+            length = member.data_offset - member.header_offset
+            self._check_deferred(member.name, self.source.read(member.header_offset, length))
+
+    def _check_local(
+        self,
+        name: str,
+        raw_name: bytes,
+        flags: int,
+        method: int,
+        crc: int,
+        csize: int,
+        usize: int,
+        offset: int,
+        header: bytes,
+        read_name: Callable[[int], bytes],
+    ) -> ZipMember:
         (sig, _need, lflags, lmethod, _time, _date, lcrc, lcsize, lusize, lnlen,
          lxlen) = LOCAL_HEADER.unpack(header)
         if sig != b"PK\x03\x04":
@@ -237,7 +322,7 @@ class ZipArchive:
             raise self._fail(f"record {name!r}: local and central headers disagree on method")
         if (lflags ^ flags) & 0x0809:
             raise self._fail(f"record {name!r}: local and central headers disagree on flags")
-        if self.source.read(offset + LOCAL_HEADER.size, lnlen) != raw_name:
+        if read_name(lnlen) != raw_name:
             raise self._fail(f"record {name!r}: local header names a different record")
         if not lflags & 0x8:
             if lcrc != crc:
@@ -266,6 +351,7 @@ class ZipArchive:
         """The uncompressed bytes of record ``name``; CRC-32 checked when ``verify``."""
         member = self.members[name]
         self.check_inflation(member)
+        self._verify_pending(member)
         raw = self.source.read(member.data_offset, member.compressed_size)
         data = raw if member.stored else self._inflate(member, raw)
         if verify:
@@ -299,9 +385,11 @@ class ZipArchive:
         return data
 
 
-def _local_header_hints(directory: bytes, count: int) -> list[tuple[int, int]]:
+def _local_header_hints(directory: bytes, count: int,
+                        defer: int | None = None) -> list[tuple[int, int]]:
     """Where the local headers probably are (offset, size) by a lenient pass over the
-    central directory; only a prefetch hint: the real parse checks everything."""
+    central directory (leaving out stored records of ``defer`` bytes or more, whose
+    headers are read with their data); only a prefetch hint: the parse checks all."""
     hints = []
     pos = 0
     for _ in range(count):
@@ -309,7 +397,8 @@ def _local_header_hints(directory: bytes, count: int) -> list[tuple[int, int]]:
             break
         fields = CENTRAL_HEADER.unpack_from(directory, pos)
         nlen, xlen, clen, offset = fields[10], fields[11], fields[12], fields[16]
-        if offset != 0xFFFFFFFF:  # zip64 offsets live in the extra field: not hinted
+        deferred = defer is not None and fields[4] == 0 and fields[8] >= defer
+        if offset != 0xFFFFFFFF and not deferred:  # zip64 offsets: in the extra field
             hints.append((offset, LOCAL_HEADER.size + nlen + 64))
         pos += CENTRAL_HEADER.size + nlen + xlen + clen
     return hints

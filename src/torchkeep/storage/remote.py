@@ -262,6 +262,8 @@ class RemoteSource(Source):
         self.remote_path = path
         self.options = current_options(options)
         self._spans: list[tuple[int, bytes]] = []  # fetched windows, newest last
+        #: data offset -> (its header's offset, the check of the header's bytes)
+        self._expected: dict[int, tuple[int, Callable[[bytes], None]]] = {}
         #: bytes received from the server (tests and the bench read it)
         self.fetched = 0
 
@@ -316,10 +318,11 @@ class RemoteSource(Source):
         hit = self._cached(offset, n)
         if hit is not None:
             return hit
-        if n > self.options.window:
+        if n > self.options.part_bytes:
             buf = bytearray(n)
             self.readinto(offset, memoryview(buf))
             return bytes(buf)
+        # kept: a zip's end records, directory and small records are read piecemeal
         length = min(max(n, self.options.window), self.size - offset)
         data = self._fetch(offset, length)
         self._spans = [*self._spans[-15:], (offset, data)]
@@ -337,23 +340,43 @@ class RemoteSource(Source):
         out = out.cast("B")
         self.readinto_many([(offset, out)])
 
+    def expect(self, data_offset: int, header_offset: int,
+               check: Callable[[bytes], None]) -> None:
+        self._expected[data_offset] = (header_offset, check)
+
     def readinto_many(self, jobs: list[tuple[int, memoryview]]) -> None:
         """Fill every (offset, buffer): neighbours are fetched in one request, big buffers
         in parts, ``concurrency`` requests at a time; at most ``concurrency`` parts are
-        held in memory at once."""
+        held in memory at once. A buffer starting where ``expect`` said gets its header
+        fetched with it (one request), checked before this returns."""
         pieces: list[tuple[int, memoryview]] = []
+        headers: list[tuple[int, bytearray, Callable[[bytes], None]]] = []
         part = self.options.part_bytes
         for offset, view in jobs:
             view = view.cast("B")
             self._check(offset, view.nbytes)
+            expected = self._expected.get(offset)
+            if expected is not None:
+                header = bytearray(offset - expected[0])
+                headers.append((offset, header, expected[1]))
+                pieces.append((expected[0], memoryview(header)))
             for start in range(0, view.nbytes, part):
                 pieces.append((offset + start, view[start : start + part]))
         pieces.sort(key=lambda p: p[0])
+        self._fill(pieces)
+        for offset, header, check in headers:
+            check(bytes(header))
+            self._expected.pop(offset, None)
+
+    def _fill(self, pieces: list[tuple[int, memoryview]]) -> None:
+        part = self.options.part_bytes
         total = sum(v.nbytes for _, v in pieces)
-        if total * 2 >= self.size and total > self.options.part_bytes and _streams(self.fs):
+        if total * 2 >= self.size and total > part and _streams(self.fs):
             self._stream_into(pieces)
             return
-        spans = _coalesce([(o, v.nbytes) for o, v in pieces], self.options.coalesce_gap, part)
+        # a part may grow by the gap, so that a record's header rides with its first part
+        spans = _coalesce([(o, v.nbytes) for o, v in pieces], self.options.coalesce_gap,
+                          part + self.options.coalesce_gap)
         step = self.options.concurrency
         k = 0
         for i in range(0, len(spans), step):
@@ -364,7 +387,6 @@ class RemoteSource(Source):
                     o, view = pieces[k]
                     view[:] = data[o - start : o - start + view.nbytes]
                     k += 1
-
 
     def _stream_into(self, pieces: list[tuple[int, memoryview]]) -> None:
         """Most of the object is wanted (a full load): ``options.streams`` GETs of

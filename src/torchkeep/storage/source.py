@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+from collections.abc import Callable
 from typing import IO, Any
 
 from torchkeep.errors import (
@@ -123,6 +124,13 @@ class Source:
     def prefetch(self, ranges: list[tuple[int, int]]) -> None:
         """A hint that small reads of these (offset, n) follow; remote sources fetch them
         at once. Local reads are cheap enough one by one."""
+
+    def expect(self, data_offset: int, header_offset: int,
+               check: Callable[[bytes], None]) -> None:
+        """Remote sources: when bytes at ``data_offset`` are first read, fetch the bytes
+        from ``header_offset`` with them and pass those to ``check`` (which raises when
+        they are wrong) before the data is used. Local sources are never asked."""
+        raise NotImplementedError("only remote sources check headers on first read")
 
     def readinto_many(self, jobs: list[tuple[int, memoryview]]) -> None:
         """``readinto`` for each (offset, buffer)."""
