@@ -376,6 +376,10 @@ def test_manager_on_s3(s3: servers.S3Server, bucket: str) -> None:
     # the step directory is one checkpoint for load, open, verify, inspect
     step_url = f"{url}/step-000000000004"
     assert torchkeep.load(step_url, storage_options=s3.options)["step"] == 4
+    with torchkeep.storage_options(s3.options):
+        assert torchkeep.scan(step_url).verdict == "clean"
+        assert torchkeep.verify(step_url).intact
+        assert torchkeep.inspect(step_url).format == "torchkeep"
 
 
 def test_manager_on_s3_ignores_and_removes_uncommitted_steps(s3: servers.S3Server,

@@ -16,7 +16,6 @@ it did not understand), and ``clean`` otherwise.
 from __future__ import annotations
 
 import ast
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,14 +68,17 @@ class ScanReport:
 
 def scan(f: Any, *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
     """Statically scan ``f`` (a path, file object or bytes); nothing in it is executed."""
-    if isinstance(f, (str, os.PathLike)) and os.path.isdir(f):
+    from torchkeep.api import step_directory
+
+    directory = step_directory(f)  # a local folder, or one at an fsspec URL
+    if directory is not None:
         from torchkeep.formats.dcp import is_dcp_dir
         from torchkeep.storage.filesystem import open_filesystem
 
-        fs, path = open_filesystem(f)
+        fs, path = open_filesystem(directory)
         if is_dcp_dir(fs, path):
-            return _scan_dcp_directory(fs, path, os.fspath(f), limits)
-        return _scan_step_directory(os.fspath(f), limits)
+            return _scan_dcp_directory(fs, path, directory, limits)
+        return _scan_step_directory(directory, limits)
     source = open_source(f)
     try:
         report = ScanReport(source.name, "unrecognised")
