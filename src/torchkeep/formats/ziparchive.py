@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torchkeep.errors import (
     CorruptCheckpointError,
@@ -68,6 +69,18 @@ class ZipMember:
         return self.method == 0
 
 
+class _Central(NamedTuple):
+    """What the central directory says of a record, which its local header must match."""
+
+    raw_name: bytes
+    flags: int
+    method: int
+    crc: int
+    csize: int
+    usize: int
+    offset: int
+
+
 class ZipArchive:
     """The records of a zip archive, validated up front; data is read on demand."""
 
@@ -77,7 +90,7 @@ class ZipArchive:
         self.limits = limits
         #: remote sources only: large records' local headers are checked on first read
         self._defer = defer_headers and source.remote
-        self._pending: dict[str, tuple[bytes, int, int, int, int, int, int]] = {}
+        self._pending: dict[str, _Central] = {}
         self.members: dict[str, ZipMember] = {}
         self.order: list[str] = []
         #: byte ranges of the central directory and of the end records (with the comment)
@@ -196,9 +209,11 @@ class ZipArchive:
                 # (a zip64 record's local header has a zip64 field: not predicted)
                 member = ZipMember(name, method, flags, crc, csize, usize, offset,
                                    aligned_data_offset(offset, nlen))
-                self._pending[name] = (raw_name, flags, method, crc, csize, usize, offset)
+                self._pending[name] = _Central(raw_name, flags, method, crc, csize, usize,
+                                               offset)
             else:
-                member = self._local(name, raw_name, flags, method, crc, csize, usize, offset)
+                member = self._local(name, _Central(raw_name, flags, method, crc, csize,
+                                                    usize, offset))
                 eager_aligned &= member.data_offset == aligned_data_offset(offset, nlen)
             if member.data_offset + csize > cd_offset:
                 raise self._fail(f"record {name!r} runs into the central directory")
@@ -212,9 +227,9 @@ class ZipArchive:
             self.source.prefetch([(m.header_offset, LOCAL_HEADER.size + 4096)
                                   for m in members if m.name in self._pending])
             for i, m in enumerate(members):
-                args = self._pending.pop(m.name, None)
-                if args is not None:
-                    members[i] = self.members[m.name] = self._local(m.name, *args)
+                central = self._pending.pop(m.name, None)
+                if central is not None:
+                    members[i] = self.members[m.name] = self._local(m.name, central)
                     if members[i].data_offset + members[i].compressed_size > cd_offset:
                         raise self._fail(f"record {m.name!r} runs into the central directory")
         for name in self._pending:
@@ -254,31 +269,20 @@ class ZipArchive:
         self.limits.check("max_tensor_bytes", usize, "zip record size")
         return usize, csize, offset
 
-    def _local(
-        self,
-        name: str,
-        raw_name: bytes,
-        flags: int,
-        method: int,
-        crc: int,
-        csize: int,
-        usize: int,
-        offset: int,
-    ) -> ZipMember:
-        header = self.source.read(offset, LOCAL_HEADER.size) if offset + LOCAL_HEADER.size <= (
-            self.source.size
-        ) else None
-        if header is None:
+    def _local(self, name: str, central: _Central) -> ZipMember:
+        offset = central.offset
+        if offset + LOCAL_HEADER.size > self.source.size:
             raise self._fail(f"record {name!r} has its local header past the end of the file")
-        return self._check_local(name, raw_name, flags, method, crc, csize, usize, offset,
-                                 header, lambda n: self.source.read(offset + LOCAL_HEADER.size, n))
+        header = self.source.read(offset, LOCAL_HEADER.size)
+        return self._check_local(name, central, header,
+                                 lambda n: self.source.read(offset + LOCAL_HEADER.size, n))
 
     def _check_deferred(self, name: str, header: bytes) -> None:
         """Check a deferred record's local header (``header``: the bytes from it to the
         predicted data offset) as ``_local`` would have; the data must be where the
         prediction put it."""
-        args = self._pending.get(name)
-        if args is None:
+        central = self._pending.get(name)
+        if central is None:
             return
         member = self.members[name]
         if len(header) < LOCAL_HEADER.size:
@@ -289,7 +293,7 @@ class ZipArchive:
                 raise self._fail(f"record {name!r}: local header names a different record")
             return header[LOCAL_HEADER.size : LOCAL_HEADER.size + n]
 
-        checked = self._check_local(name, *args, header[:LOCAL_HEADER.size], name_bytes)
+        checked = self._check_local(name, central, header[:LOCAL_HEADER.size], name_bytes)
         if checked.data_offset != member.data_offset:
             raise self._fail(f"record {name!r}: its local header puts the data at "
                              f"{checked.data_offset}, not at {member.data_offset} where the "
@@ -301,19 +305,11 @@ class ZipArchive:
             length = member.data_offset - member.header_offset
             self._check_deferred(member.name, self.source.read(member.header_offset, length))
 
-    def _check_local(
-        self,
-        name: str,
-        raw_name: bytes,
-        flags: int,
-        method: int,
-        crc: int,
-        csize: int,
-        usize: int,
-        offset: int,
-        header: bytes,
-        read_name: Callable[[int], bytes],
-    ) -> ZipMember:
+    def _check_local(self, name: str, central: _Central, header: bytes,
+                     read_name: Callable[[int], bytes]) -> ZipMember:
+        """A record's local header (its 30 fixed bytes, ``read_name`` for its name) checked
+        against the central directory; the record with its data offset."""
+        raw_name, flags, method, crc, csize, usize, offset = central
         (sig, _need, lflags, lmethod, _time, _date, lcrc, lcsize, lusize, lnlen,
          lxlen) = LOCAL_HEADER.unpack(header)
         if sig != b"PK\x03\x04":

@@ -11,8 +11,8 @@ from torchkeep.errors import CheckpointNotFoundError, StorageError
 from torchkeep.storage.atomic import Write, fsync_dir, writer_for_fd
 from torchkeep.storage.oserrors import translated
 from torchkeep.storage.remote import (
-    RemoteSource,
     is_url,
+    open_remote,
     protocol_of,
     remote_errors,
     retried,
@@ -195,9 +195,7 @@ class FsspecFileSystem(FileSystem):
         return retried(lambda: bytes(self.fs.cat_file(path)), self.describe(path), "reading")
 
     def source(self, path: str) -> Source:
-        url = self.describe(path)
-        info = retried(lambda: self.fs.info(path), url, "opening")
-        return RemoteSource(self.fs, path, url=url, size=int(info["size"]))
+        return open_remote(self.describe(path), fs=self.fs, path=path)
 
     def rename(self, src: str, dst: str) -> None:
         with remote_errors(self.describe(src), "renaming"):

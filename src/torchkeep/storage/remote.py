@@ -493,10 +493,13 @@ def _coalesce(ranges: list[tuple[int, int]], gap: int, limit: int) -> list[tuple
 
 
 def open_remote(url: str, *, storage_options: StorageOptions | None = None,
-                options: RemoteOptions | None = None) -> RemoteSource:
-    """``url`` opened for ranged reading (one metadata request for its size)."""
+                options: RemoteOptions | None = None, fs: Any = None,
+                path: str | None = None) -> RemoteSource:
+    """``url`` opened for ranged reading (one metadata request for its size); ``fs`` and
+    ``path`` when the caller already has the file system."""
     options = current_options(options)
-    fs, path = url_filesystem(url, storage_options)
+    if fs is None or path is None:
+        fs, path = url_filesystem(url, storage_options)
     info = retried(lambda: fs.info(path), url, "opening", options)
     if info.get("type") == "directory":
         raise CheckpointNotFoundError("is a directory", source=url)
