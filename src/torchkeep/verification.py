@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from torchkeep.formats.detect import detect, directory_format
 from torchkeep.formats.manifest import read_step_dir
 from torchkeep.formats.ziparchive import ZipArchive
 from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.checksums import crc32
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.storage.source import Source, open_source
 from torchkeep.unpickle import Allowlist
@@ -58,7 +58,7 @@ def _stream(source: Source, offset: int, size: int, progress: Callable[[int], No
 
 def _crc_of(source: Source, offset: int, size: int, progress: Callable[[int], None]) -> int:
     crc = [0]
-    _stream(source, offset, size, progress, lambda chunk: crc.__setitem__(0, zlib.crc32(
+    _stream(source, offset, size, progress, lambda chunk: crc.__setitem__(0, crc32(
         chunk, crc[0])))
     return crc[0]
 
@@ -113,7 +113,7 @@ def _verify_zip(source: Source, result: Verification, limits: Limits,
         if member.stored:
             actual = _crc_of(source, member.data_offset, member.size, tick)
         else:
-            actual = zlib.crc32(archive.read(name, verify=False))
+            actual = crc32(archive.read(name, verify=False))
             tick(member.size)
         if actual != member.crc:
             result.problem = (f"record {name!r}: CRC-32 {actual:08x} does not match the "

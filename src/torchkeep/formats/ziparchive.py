@@ -30,6 +30,7 @@ from torchkeep.formats.zipstructs import (
     ZIP64_LOCATOR,
 )
 from torchkeep.limits import DEFAULT_LIMITS, Limits
+from torchkeep.storage.checksums import crc32
 from torchkeep.storage.source import Source
 
 __all__ = ["ZipArchive", "ZipMember"]
@@ -362,7 +363,7 @@ class ZipArchive:
         """
         if member.crc == 0 and member.size:
             return
-        actual = zlib.crc32(data)
+        actual = crc32(data)
         if actual != member.crc:
             raise IntegrityError(
                 f"record {member.name!r}: CRC-32 {actual:08x} does not match the "

@@ -9,7 +9,6 @@ a descriptor; a zip64 end record is always written. This layout is what lets
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from torchkeep.formats.zipstructs import (
     ZIP64_END_RECORD,
     ZIP64_LOCATOR,
 )
+from torchkeep.storage.checksums import crc32
 
 __all__ = ["ZipWriter"]
 
@@ -141,7 +141,7 @@ class ZipWriter:
         view = memoryview(data).cast("B")
         self.begin(record, view.nbytes)
         self.payload(view)
-        self.end(zlib.crc32(view) if self.compute_crc and view.nbytes else 0)
+        self.end(crc32(view) if self.compute_crc and view.nbytes else 0)
 
     # -- directory -----------------------------------------------------------------------
 

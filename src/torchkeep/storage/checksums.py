@@ -1,9 +1,12 @@
-"""CRC-32 on the second core: checksums computed while the bytes are being written.
+"""CRC-32, fast, and on the second core while the bytes are being written.
 
-``zlib.crc32`` releases the GIL for buffers over a few KiB, so a single worker thread
-checksums one record while the main thread writes it (measured on a 2-core machine:
-CRC-32 costs 0.16-0.22 s/GiB, as much as the write itself; overlapped, it disappears).
-Small buffers are checksummed inline, where a thread hand-off costs more than the CRC.
+``crc32`` is ISA-L's (the ``isal`` wheel) where it is installed, else zlib's. Measured on
+the 2-core project machine over 256 MiB: ISA-L 10.3 GB/s, zlib-ng 9.0 GB/s, zlib 2.9 GB/s
+(slower than writing to the page cache, so on a busy machine the checksum, not the disk,
+set the pace of a save). Both release the GIL, and give the same values as zlib's.
+
+A single worker thread checksums one record while the main thread writes it. Small
+buffers are checksummed inline, where a thread hand-off costs more than the CRC.
 """
 
 from __future__ import annotations
@@ -15,7 +18,18 @@ from typing import Any
 
 from torchkeep.storage.workers import worker
 
-__all__ = ["INLINE_BYTES", "Overlapped", "crc32_overlapped"]
+__all__ = ["CRC32_IMPLEMENTATION", "INLINE_BYTES", "Overlapped", "crc32", "crc32_overlapped"]
+
+crc32: Callable[..., int]
+try:
+    from isal.isal_zlib import crc32 as _isal_crc32
+except ImportError:  # no wheel for this platform: zlib's, 3-4x slower
+    crc32 = zlib.crc32
+    #: which CRC-32 this process uses: "isal" or "zlib"
+    CRC32_IMPLEMENTATION = "zlib"
+else:
+    crc32 = _isal_crc32
+    CRC32_IMPLEMENTATION = "isal"
 
 #: Below this size the CRC is computed in the calling thread.
 INLINE_BYTES = 1 << 20
@@ -66,4 +80,4 @@ class Overlapped:
 
 def crc32_overlapped(data: Any) -> Overlapped:
     """The CRC-32 of ``data``, overlapped with the caller's work (see Overlapped)."""
-    return Overlapped(zlib.crc32, data)
+    return Overlapped(crc32, data)
