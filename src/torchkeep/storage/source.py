@@ -20,6 +20,7 @@ __all__ = ["Source", "open_source"]
 
 _SMALL_READ = 4096
 _READ_AHEAD = 256 << 10
+_MIN_READ_AHEAD = 4096
 
 
 class Source:
@@ -51,6 +52,8 @@ class Source:
         self._map: mmap.mmap | None = None
         self._window = b""  # read-ahead for small reads: bytes at _window_at
         self._window_at = 0
+        self._window_reads = 0  # small reads the current window has served
+        self._ahead = _READ_AHEAD  # the next window's size, adapted to how reads land
 
     # -- reading --------------------------------------------------------------------------
 
@@ -70,10 +73,19 @@ class Source:
             start = offset - self._window_at
             if start < 0 or start + n > len(self._window):
                 # a zip's local headers are read one by one, in file order: one pread of
-                # the next 256 KiB serves the ones that follow (5 us a pread otherwise)
-                ahead = bytearray(min(_READ_AHEAD, self.size - offset))
+                # the next 256 KiB serves the ones that follow (5 us a pread otherwise).
+                # Where records are large, each window serves one header (two reads) and
+                # the rest is wasted copying (50 us a record measured, for 441 records of
+                # 1 MiB): the window shrinks to 4 KiB, and grows back when reads cluster.
+                if self._window_reads <= 2:
+                    self._ahead = max(_MIN_READ_AHEAD, self._ahead // 4)
+                elif self._window_reads > 8:
+                    self._ahead = min(_READ_AHEAD, self._ahead * 4)
+                ahead = bytearray(max(n, min(self._ahead, self.size - offset)))
                 self.readinto(offset, memoryview(ahead))
                 self._window, self._window_at, start = bytes(ahead), offset, 0
+                self._window_reads = 0
+            self._window_reads += 1
             return self._window[start : start + n]
         buf = bytearray(n)
         self.readinto(offset, memoryview(buf))
