@@ -278,25 +278,30 @@ def view_problem(
     """
     if not dtype.has_tensors:
         return f"dtype {dtype.name} cannot back a tensor"
-    if type(offset) is not int or not all(type(v) is int for v in (*shape, *stride)):
-        return "offset, shape and stride must be ints"
+    values = (offset, *shape, *stride)
+    for v in values:  # a loop, not all(genexpr): this runs once per tensor of every load
+        if type(v) is not int:
+            return "offset, shape and stride must be ints"
     if len(shape) != len(stride):
         return f"shape {list(shape)} and stride {list(stride)} differ in length"
-    limits.check("max_tensor_dims", len(shape), "tensor dimensions")
-    values = (offset, *shape, *stride)
-    if any(v < 0 for v in values):
+    if len(shape) > limits.max_tensor_dims:
+        limits.check("max_tensor_dims", len(shape), "tensor dimensions")
+    if min(values) < 0:
         return (f"negative offset, size or stride (offset {offset}, shape {list(shape)}, "
                 f"stride {list(stride)})")
     numel = math.prod(shape)
-    limits.check("max_tensor_elements", numel, "tensor elements")
-    if any(v >= MAX_DIMENSION for v in values):
+    if numel > limits.max_tensor_elements:
+        limits.check("max_tensor_elements", numel, "tensor elements")
+    if max(values) >= MAX_DIMENSION:
         return "a size, stride or offset of 2**46 or more"
     itemsize = dtype.itemsize
     if nbytes is None:
         return None
     if numel == 0:  # an empty view reads nothing; torch accepts any offset for it
         return None
-    last = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True))
+    last = offset
+    for size, step in zip(shape, stride, strict=True):
+        last += (size - 1) * step
     if (last + 1) * itemsize > nbytes:
         return (f"view (offset {offset}, shape {list(shape)}, stride {list(stride)}, "
                 f"{dtype.name}) reaches byte {(last + 1) * itemsize}, outside its storage "

@@ -229,6 +229,7 @@ def _identity_hashed(obj: Any) -> bool:
 # -- opcode handlers ----------------------------------------------------------------------
 # MARK, TUPLE, TUPLE1/2, EMPTY_TUPLE, NEWFALSE, BININT1, BINUNICODE, (LONG_)BINPUT,
 # (LONG_)BINGET and FRAME have no handler: unpickle() runs them inline, on local variables.
+# REDUCE and BINPERSID (a rebuild and a storage per tensor) run inline too.
 
 Handler = Callable[[_Machine], Any]
 _HANDLERS: list[Handler | None] = [None] * 256
@@ -629,13 +630,6 @@ def _stack_global(m: _Machine) -> None:
     m.stack.append(m.allowlist.resolve(m, module, name))
 
 
-@_op(b"R")  # REDUCE
-def _reduce(m: _Machine) -> None:
-    stack = m.stack
-    args = stack.pop()
-    stack[-1] = m.call(stack[-1], args, "REDUCE")
-
-
 @_op(b"\x81")  # NEWOBJ
 def _newobj(m: _Machine) -> None:
     stack = m.stack
@@ -686,12 +680,6 @@ def _build(m: _Machine) -> None:
             for index, value in memo.items():
                 if value is target:
                     memo[index] = result
-
-
-@_op(b"Q")  # BINPERSID
-def _binpersid(m: _Machine) -> None:
-    pid = m.stack.pop()
-    m.stack.append(_persistent(m, pid))
 
 
 @_op(b"P")  # PERSID (text)
@@ -845,6 +833,25 @@ def unpickle(
                 pos += 1
             elif op == 0x29:  # EMPTY_TUPLE
                 stack.append(())
+                pos += 1
+            elif op == 0x52:  # REDUCE: a rebuild per tensor, a dict per OrderedDict()
+                m.op_pos = pos
+                args = stack.pop()
+                func = stack[-1]
+                m.stack = stack
+                if type(func) is Entry and type(args) is tuple and func.call is not None:
+                    try:
+                        stack[-1] = func.call(m, args)
+                    except TorchkeepError:
+                        raise
+                    except (TypeError, ValueError, OverflowError, IndexError, KeyError) as e:
+                        raise m.fail(f"bad arguments for {func.qualname}: {e}") from e
+                else:  # not callable this way: m.call says why
+                    stack[-1] = m.call(func, args, "REDUCE")
+                pos += 1
+            elif op == 0x51:  # BINPERSID
+                m.op_pos = pos
+                stack.append(_persistent(m, stack.pop()))
                 pos += 1
             elif op == 0x95:  # FRAME
                 if pos + 8 >= end:

@@ -47,6 +47,10 @@ class StorageClass:
         return self.name == "UntypedStorage"
 
 
+#: locations LOCATION has accepted ("cpu", "cuda:0", ...): one regex match per location
+_GOOD_LOCATIONS: set[str] = set()
+
+
 def storage_pid(pid: Any, length: int) -> tuple[StorageClass, str, str, int, tuple[Any, ...]]:
     """Check a ``('storage', class, key, location, numel, ...)`` persistent id of ``length``
     fields; returns class, key, location, numel and the extra fields."""
@@ -58,8 +62,11 @@ def storage_pid(pid: Any, length: int) -> tuple[StorageClass, str, str, int, tup
         raise CorruptCheckpointError("persistent id does not name a storage class")
     if type(key) is not str or type(location) is not str or type(numel) is not int:
         raise CorruptCheckpointError("persistent id fields have the wrong types")
-    if not LOCATION.match(location):
-        raise CorruptCheckpointError(f"storage {key}: bad location {location[:40]!r}")
+    if location not in _GOOD_LOCATIONS:
+        if not LOCATION.match(location):
+            raise CorruptCheckpointError(f"storage {key}: bad location {location[:40]!r}")
+        if len(_GOOD_LOCATIONS) < 64:
+            _GOOD_LOCATIONS.add(location)
     if numel < 0:
         raise CorruptCheckpointError(f"storage {key} has a negative size")
     return storage_class, key, location, numel, tuple(extra)
@@ -126,6 +133,16 @@ def _rebuild_tensor(m: Machine, args: tuple[Any, ...]) -> TensorRef:
 
 
 def _rebuild_tensor_v2(m: Machine, args: tuple[Any, ...]) -> TensorRef:
+    if len(args) == 6:  # what torch.save writes for every plain tensor: checked in one go
+        storage, offset, size, stride, requires_grad, hooks = args
+        if (type(storage) is StorageView and type(size) is tuple and type(stride) is tuple
+                and type(requires_grad) is bool and (hooks is None or isinstance(hooks, dict))
+                and len(size) <= m.limits.max_tensor_dims
+                and view_problem(storage.storage.nbytes, storage.dtype, offset, size, stride,
+                                 m.limits) is None):
+            return TensorRef(storage.storage, storage.dtype, offset, size, stride,
+                             requires_grad)
+        # anything else: the general path below, which names what is wrong
     if len(args) not in (6, 7):
         raise m.fail(f"_rebuild_tensor_v2 takes 6 or 7 arguments, got {len(args)}")
     storage, offset, size, stride, requires_grad, hooks, *rest = args
