@@ -9,28 +9,32 @@ from typing import Any
 import torch
 
 
-def transformer(gib: float = 1.0) -> dict[str, torch.Tensor]:
-    """A transformer-like state dict: ~200 tensors, float32 weights and a bfloat16 embedding.
+def transformer(gib: float = 0.5, layers: int = 55) -> dict[str, torch.Tensor]:
+    """A transformer-like state dict of float32 and bfloat16 tensors.
 
-    24 layers of width 1024 plus the embedding come to ~1.14 GiB; ``gib`` scales the width.
-    Tensors are filled with a per-tensor constant: values do not change any timing, and
-    filling is much faster than random init.
+    ``layers`` blocks of 8 tensors (attention and MLP weights, biases, norms; every third
+    block's MLP weights in bfloat16) plus a bfloat16 embedding: 441 tensors, about ``gib``
+    GiB (the width is scaled to it). Tensors are filled with a per-tensor constant: values
+    do not change any timing, and filling is much faster than random init.
     """
-    width = max(64, int(1024 * (gib ** 0.5)) // 64 * 64)
+    width = max(64, int((gib * 2**30 / (48 * layers + 16)) ** 0.5) // 64 * 64)
     state: dict[str, torch.Tensor] = {}
     shapes = [("attn.qkv.weight", (3 * width, width)), ("attn.out.weight", (width, width)),
               ("mlp.fc1.weight", (4 * width, width)), ("mlp.fc2.weight", (width, 4 * width)),
               ("ln1.weight", (width,)), ("ln1.bias", (width,)), ("mlp.fc1.bias", (4 * width,)),
               ("mlp.fc2.bias", (width,))]
-    for layer in range(24):
+    for layer in range(layers):
         for name, shape in shapes:
-            state[f"layers.{layer}.{name}"] = torch.empty(shape).fill_(layer * 0.01 + 0.5)
+            half = layer % 3 == 2 and name.startswith("mlp.") and name.endswith("weight")
+            dtype = torch.bfloat16 if half else torch.float32
+            state[f"layers.{layer}.{name}"] = torch.empty(shape, dtype=dtype).fill_(
+                layer * 0.01 + 0.5)
     state["embed.weight"] = torch.empty(8 * width - 192, width, dtype=torch.bfloat16).fill_(0.25)
     return state
 
 
 def tiny(count: int = 5000) -> dict[str, torch.Tensor]:
-    """5000 tiny tensors (16 floats each)."""
+    """``count`` tiny tensors (16 floats each)."""
     return {f"block{i // 10}.p{i % 10}": torch.full((16,), float(i)) for i in range(count)}
 
 
@@ -51,11 +55,17 @@ def seed() -> dict[str, Any]:
 
 
 def make_state(name: str) -> Any:
-    """``big`` (scaled by $TORCHKEEP_BENCH_GIB), ``tiny`` or ``seed``."""
-    if name == "big":
-        return transformer(float(os.environ.get("TORCHKEEP_BENCH_GIB", "1")))
+    """``model`` (441 tensors, $TORCHKEEP_BENCH_GIB GiB, default 0.5), ``huge`` (the same
+    shape at $TORCHKEEP_BENCH_HUGE_GIB, default 8), ``tiny`` (5000 tensors), ``tiny100k``
+    (100,000 tensors) or ``seed``."""
+    if name == "model":
+        return transformer(float(os.environ.get("TORCHKEEP_BENCH_GIB", "0.5")))
+    if name == "huge":
+        return transformer(float(os.environ.get("TORCHKEEP_BENCH_HUGE_GIB", "8")))
     if name == "tiny":
         return tiny()
+    if name == "tiny100k":
+        return tiny(100_000)
     if name == "seed":
         return seed()
     raise SystemExit(f"unknown state {name}")

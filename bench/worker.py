@@ -81,8 +81,11 @@ def flat_tensors(state: Any) -> dict[str, torch.Tensor]:
     return flat
 
 
-def raw_write(state: Any, path: str, fsync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def raw_write(state: Any, path: str, fsync: bool, replace: bool = False) -> None:
+    """Each tensor's bytes written to ``path`` with os.write; replacing truncates the
+    existing file in place (what ``open(path, "wb")`` and torch.save do)."""
+    mode = os.O_TRUNC if replace else os.O_EXCL
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
     try:
         for t in flat_tensors(state).values():
             view = memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
@@ -108,8 +111,9 @@ def memcpy(state: Any, _: str) -> Callable[[], None]:
     return run
 
 
-def mmap_touch(path: str) -> Any:
-    """The hardware limit of a load: map the torchkeep file, sum each tensor's bytes."""
+def mmap_touch(path: str) -> Callable[[], float]:
+    """The hardware limit of a load: the file's tensors mapped before the clock starts
+    (tensors over a private mapping, no page touched yet); timed: summing every tensor."""
     with torchkeep.open(path) as handle:  # only to find each record's byte range
         parsed = handle._parsed
         spans = [(parsed.record(info.ref.storage).offset, info.ref.dtype.name, info.ref.numel)
@@ -117,11 +121,13 @@ def mmap_touch(path: str) -> Any:
     fd = os.open(path, os.O_RDONLY)
     mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     os.close(fd)
-    total = 0.0
-    for offset, dtype, numel in spans:
-        t = torch.frombuffer(mapped, dtype=getattr(torch, dtype), count=numel, offset=offset)
-        total += float(t.sum())
-    return total
+    tensors = [torch.frombuffer(mapped, dtype=getattr(torch, dtype), count=numel, offset=offset)
+               for offset, dtype, numel in spans]
+
+    def run() -> float:
+        return sum(float(t.sum()) for t in tensors if t.numel())
+
+    return run
 
 
 def main() -> None:
@@ -129,6 +135,7 @@ def main() -> None:
     parser.add_argument("--op", required=True)
     parser.add_argument("--state", required=True)
     parser.add_argument("--path", required=True)
+    parser.add_argument("--replace", action="store_true", help="the save's path exists")
     args = parser.parse_args()
     op, path = args.op, args.path
     result: dict[str, Any] = {"op": op, "state": args.state}
@@ -137,9 +144,9 @@ def main() -> None:
     state = None if is_load else make_state(args.state)
     fn: Callable[[], Any]
     if op == "raw_write":
-        fn = lambda: raw_write(state, path, fsync=False)  # noqa: E731
+        fn = lambda: raw_write(state, path, fsync=False, replace=args.replace)  # noqa: E731
     elif op == "raw_write_fsync":
-        fn = lambda: raw_write(state, path, fsync=True)  # noqa: E731
+        fn = lambda: raw_write(state, path, fsync=True, replace=args.replace)  # noqa: E731
     elif op == "memcpy":
         fn = memcpy(state, path)
     elif op == "torch_save":
@@ -197,7 +204,7 @@ def main() -> None:
 
         fn = lambda: touch(load_file(path))  # noqa: E731
     elif op == "mmap_touch":
-        fn = lambda: mmap_touch(path)  # noqa: E731
+        fn = mmap_touch(path)
     else:
         raise SystemExit(f"unknown op {op}")
 
