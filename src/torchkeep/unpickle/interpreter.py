@@ -836,18 +836,9 @@ def unpickle(
                 pos += 1
             elif op == 0x52:  # REDUCE: a rebuild per tensor, a dict per OrderedDict()
                 m.op_pos = pos
-                args = stack.pop()
-                func = stack[-1]
                 m.stack = stack
-                if type(func) is Entry and type(args) is tuple and func.call is not None:
-                    try:
-                        stack[-1] = func.call(m, args)
-                    except TorchkeepError:
-                        raise
-                    except (TypeError, ValueError, OverflowError, IndexError, KeyError) as e:
-                        raise m.fail(f"bad arguments for {func.qualname}: {e}") from e
-                else:  # not callable this way: m.call says why
-                    stack[-1] = m.call(func, args, "REDUCE")
+                args = stack.pop()
+                stack[-1] = m.call(stack[-1], args, "REDUCE")
                 pos += 1
             elif op == 0x51:  # BINPERSID
                 m.op_pos = pos
