@@ -77,7 +77,7 @@ class Source:
                 # Where records are large, each window serves one header (two reads) and
                 # the rest is wasted copying (50 us a record measured, for 441 records of
                 # 1 MiB): the window shrinks to 4 KiB, and grows back when reads cluster.
-                if self._window_reads <= 2:
+                if self._window and self._window_reads <= 2:
                     self._ahead = max(_MIN_READ_AHEAD, self._ahead // 4)
                 elif self._window_reads > 8:
                     self._ahead = min(_READ_AHEAD, self._ahead * 4)
