@@ -270,17 +270,24 @@ def test_usage_errors_exit_2(run) -> None:
     assert run("diff", "a.pt").code == 2
 
 
-def test_python_dash_m_and_no_torch_import_for_fast_commands(files, tmp_path) -> None:
+def test_python_dash_m_and_no_torch_or_numpy_import_for_fast_commands(files, tmp_path) -> None:
+    # numpy's import is 0.1-0.2 s, most of what `inspect` of a big file costs: the read-only
+    # commands on files without numpy values never load it
+    run_dir = _run_dir(tmp_path)
     code = (
         "import sys\nfrom torchkeep.cli.main import main\n"
         f"for args in (['inspect', {str(files['pt'])!r}], ['scan', {str(files['pt'])!r}], "
-        f"['verify', {str(files['pt'])!r}], ['ls', {str(tmp_path)!r}]):\n"
+        f"['verify', {str(files['pt'])!r}], ['inspect', {str(files['st'])!r}], "
+        f"['verify', {str(files['st'])!r}], ['ls', {str(run_dir)!r}], "
+        f"['prune', {str(run_dir)!r}, '--keep-last', '1', '--dry-run']):\n"
         "    assert main(args) == 0, args\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
+        "print('numpy imported:', 'numpy' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert "torch imported: False" in out
+    assert "numpy imported: False" in out
     module = subprocess.run([sys.executable, "-m", "torchkeep", "inspect", str(files["pt"]),
                              "--json"], capture_output=True, text=True, timeout=120,
                             check=False)

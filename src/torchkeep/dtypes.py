@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DTYPES",
@@ -163,6 +164,8 @@ def by_safetensors(code: str) -> DType | None:
 
 
 def _numpy_dtype(dtype: DType) -> np.dtype[Any]:
+    import numpy as np
+
     spec = _NUMPY_SPEC[dtype.name]
     if spec.startswith("ml:"):
         import ml_dtypes
@@ -215,6 +218,8 @@ def plain_numpy_dtype(spec: Any) -> np.dtype[Any]:
     if not plain or spec.lstrip("<>|=")[:1] in "OMm":
         raise ValueError(f"numpy dtype {str(spec)[:40]!r} is not allowed (only plain kinds "
                          "and sizes; no object or time dtypes)")
+    import numpy as np
+
     try:
         base: np.dtype[Any] = np.dtype(spec)
     except TypeError as e:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from torchkeep.limits import Limits
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["assemble", "tiling_problem"]
 
@@ -34,6 +35,8 @@ def tiling_problem(shape: Sequence[int], boxes: Iterable[Box], limits: Limits,
     cells = math.prod(len(e) - 1 for e in edges)
     limits.check("max_chunk_cells", cells, f"{what} chunk grid")
     index = [{edge: i for i, edge in enumerate(e)} for e in edges]
+    import numpy as np
+
     painted = np.zeros(tuple(len(e) - 1 for e in edges), dtype=np.int64)
     for offsets, sizes in full:
         painted[tuple(slice(at[o], at[o + n])
@@ -49,6 +52,8 @@ def assemble(shape: Sequence[int], itemsize: int,
              pieces: Iterable[tuple[Sequence[int], Sequence[int], np.ndarray[Any, Any]]]) -> bytes:
     """The whole tensor's bytes, C order, from ``(offsets, sizes, values)`` pieces that
     tile it; ``values`` is any array of that shape with ``itemsize``-byte elements."""
+    import numpy as np
+
     kind = np.dtype(f"V{itemsize}")
     out = np.empty(tuple(shape), dtype=kind)
     for offsets, sizes, values in pieces:

@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from torchkeep.dtypes import DType
 from torchkeep.errors import (
     CheckpointNotFoundError,
@@ -825,6 +823,8 @@ _HOLE = object()  # a list slot no path has filled yet
 
 def _assemble(shape: tuple[int, ...], itemsize: int, chunks: list[_Chunk]) -> bytes:
     """The whole tensor's bytes (C order) from its chunks, each a view of its item's data."""
+    import numpy as np
+
     kind = np.dtype(f"V{itemsize}")
 
     def pieces() -> Any:

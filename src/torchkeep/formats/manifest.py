@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import xxhash
 
 from torchkeep import dtypes
@@ -105,6 +104,8 @@ def contiguous_bytes(ref: TensorRef, storage_bytes: Callable[[StorageRef], Any])
     start = ref.offset * itemsize
     if ref.is_contiguous():
         return whole[start : start + ref.nbytes]
+    import numpy as np
+
     raw = np.ndarray(ref.shape, dtype=np.dtype(f"V{itemsize}"), buffer=whole, offset=start,
                      strides=tuple(s * itemsize for s in ref.stride))
     return np.ascontiguousarray(raw).view(np.uint8).reshape(-1).data.cast("B")
@@ -319,6 +320,8 @@ def read_step_dir(
         """The whole tensor from its chunks, each checked against its checksum."""
 
         def pieces() -> Any:
+            import numpy as np
+
             for chunk, part in zip(chunks, parts, strict=True):
                 assert part.source is not None and part.offset is not None
                 raw = part.source.read(part.offset, part.nbytes)

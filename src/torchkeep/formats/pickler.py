@@ -21,10 +21,12 @@ import datetime
 import decimal
 import pathlib
 import struct
+import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from torchkeep import dtypes
 from torchkeep.dtypes import DType
@@ -206,7 +208,10 @@ class TreePickler:
         if isinstance(obj, DType):
             self._global("torch", obj.name, obj)
             return
-        if isinstance(obj, (np.ndarray, np.generic)):
+        # numpy is imported only where it is already loaded (the CLI never needs it): an
+        # object cannot be a numpy array unless numpy has been imported
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(obj, (np.ndarray, np.generic)):
             self._numpy(obj)
             return
         if self.describe is not None:
@@ -665,6 +670,8 @@ class TreePickler:
 
     def _numpy_value(self, value: Any) -> None:
         """Save a value from numpy's own reduce tuples (functions, classes, dtypes)."""
+        import numpy as np
+
         if isinstance(value, np.dtype):
             hit = self.memo.get(id(value))
             if hit is not None:

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from torchkeep import dtypes
 from torchkeep.dtypes import DType
 from torchkeep.errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
@@ -252,6 +250,8 @@ def write_safetensors(
         if view.nbytes != entry.ref.nbytes:
             raise CorruptCheckpointError(f"tensor {entry.name!r} changed size while saving")
         if sys.byteorder == "big" and entry.ref.dtype.itemsize > 1:
+            import numpy as np
+
             unit = entry.ref.dtype.swap_unit
             swapped = np.frombuffer(view, dtype=f">u{unit}").astype(f"<u{unit}")
             view = memoryview(swapped)  # type: ignore[arg-type]

@@ -18,11 +18,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from torchkeep import dtypes
 from torchkeep.errors import (
@@ -43,6 +42,9 @@ from torchkeep.tree import (
     plain_attribute_name,
 )
 from torchkeep.unpickle.allowlist import Allowlist, build
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["TREE_VERSION", "TreeDecoder", "TreeEncoder", "contiguous_strides", "dump_tree"]
 
@@ -183,6 +185,8 @@ class TreeDecoder:
                 raise self.fail(f"$same refers to {shown(body)}, which comes nowhere before it")
             return self.same[body]
         if tag == "$ndbytes":
+            import numpy as np
+
             dtype = dtypes.plain_numpy_dtype(whole["npdtype"])
             raw = base64.b64decode(body, validate=True)
             shape = tuple(int(s) for s in whole["shape"])
@@ -190,6 +194,8 @@ class TreeDecoder:
                 raise self.fail("numpy array bytes do not match its shape")
             return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
         if tag == "$npscalar":
+            import numpy as np
+
             dtype = dtypes.plain_numpy_dtype(whole["npdtype"])
             raw = base64.b64decode(body, validate=True)
             if len(raw) != dtype.itemsize:
@@ -355,14 +361,15 @@ class TreeEncoder:
             return {"$bytes": base64.b64encode(obj).decode("ascii")}
         if isinstance(obj, bytearray):
             return {"$bytearray": base64.b64encode(obj).decode("ascii")}
-        if isinstance(obj, np.ndarray):
+        np = sys.modules.get("numpy")  # nothing is a numpy value unless numpy is loaded
+        if np is not None and isinstance(obj, np.ndarray):
             return self.ndarray(obj)
         if isinstance(obj, REDUCED_TYPES):
             return self.reduced(obj)
         if isinstance(obj, PickledObject):
             raise self.fail(f"an inert {obj.qualname} record is saved only in the torch "
                             "formats (format='torch' or 'torch-legacy'), which name its global")
-        if isinstance(obj, np.generic):
+        if np is not None and isinstance(obj, np.generic):
             if obj.dtype.hasobject:
                 raise self.fail("numpy object scalars cannot be saved")
             return {"$npscalar": base64.b64encode(obj.tobytes()).decode("ascii"),
@@ -423,6 +430,8 @@ class TreeEncoder:
         return node
 
     def ndarray(self, array: np.ndarray[Any, Any]) -> Any:
+        import numpy as np
+
         if array.dtype.hasobject:
             raise self.fail("numpy arrays of Python objects cannot be saved")
         dtype = dtypes.from_numpy(array.dtype)

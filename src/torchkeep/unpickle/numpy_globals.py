@@ -5,13 +5,14 @@ REDUCE as Pending placeholders that ``finish`` turns into the real value."""
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from torchkeep import dtypes
 from torchkeep.errors import shown
 from torchkeep.unpickle.entries import Call, Entry, Machine, Pending, ints_arg, marker
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["PendingArray", "PendingDType", "finish", "numpy_table"]
 
@@ -56,6 +57,8 @@ def _finish_dtype(m: Machine, pending: PendingDType, state: Any) -> np.dtype[Any
 
 
 def _finish_array(m: Machine, state: Any) -> np.ndarray[Any, Any]:
+    import numpy as np
+
     if not isinstance(state, tuple) or len(state) not in (4, 5):
         raise m.fail("unsupported numpy array state")
     if len(state) == 5:
@@ -82,6 +85,8 @@ def _finish_array(m: Machine, state: Any) -> np.ndarray[Any, Any]:
 def _np_scalar(m: Machine, args: tuple[Any, ...]) -> Any:
     if len(args) != 2:
         raise m.fail("numpy scalar takes (dtype, data)")
+    import numpy as np
+
     dtype, raw = args
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise m.fail("numpy scalar dtype must be a plain dtype")
