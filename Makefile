@@ -6,14 +6,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.torchkeep-installed
+# Real packages the tests of torchkeep.patch_torch_load drive (they torch.load bundled
+# weights), installed without their dependencies into a folder of their own that only
+# those tests put on sys.path: facenet-pytorch pins torch<2.3, and the index's torchvision
+# is a CUDA build whose C ops cannot load beside the CPU torch, so an `import torchvision`
+# anywhere else (lightning, transformers) must not find it (tests/thirdparty.py).
+NODEPS_TEST_PACKAGES ?= torchvision==0.28.0 lpips==0.1.4 facenet-pytorch==2.6.0
+NODEPS_DIR := $(VENV)/nodeps-test-packages
 
 .PHONY: demo test lint bench fuzz install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,torch]"
+	rm -rf $(NODEPS_DIR)
+	$(PY) -m pip install --quiet --no-deps --target $(NODEPS_DIR) $(NODEPS_TEST_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
     from torchkeep.comparison import compare
     from torchkeep.conversion import convert
     from torchkeep.distributed.state import ModelState, PerRank
+    from torchkeep.integrations.torch_load import (
+        TorchLoadPatch,
+        patch_torch_load,
+        unpatch_torch_load,
+    )
     from torchkeep.loading import LoadReport, PartialLoadError, load_into
     from torchkeep.manager import (
         AnyOf,
@@ -78,6 +83,9 @@ _LAZY = {
     "scan": "torchkeep.scanning",
     "verify": "torchkeep.verification",
     "compare": "torchkeep.comparison",
+    "TorchLoadPatch": "torchkeep.integrations.torch_load",
+    "patch_torch_load": "torchkeep.integrations.torch_load",
+    "unpatch_torch_load": "torchkeep.integrations.torch_load",
     "convert": "torchkeep.conversion",
 }
 
@@ -127,6 +135,7 @@ __all__ = [
     "StorageError",
     "TensorInfo",
     "TensorRef",
+    "TorchLoadPatch",
     "TorchkeepError",
     "UnsafeCheckpointError",
     "UnsupportedFormatError",
@@ -138,9 +147,11 @@ __all__ = [
     "load",
     "load_into",
     "open",
+    "patch_torch_load",
     "remote_options",
     "save",
     "scan",
     "storage_options",
+    "unpatch_torch_load",
     "verify",
 ]
