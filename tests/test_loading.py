@@ -86,3 +86,31 @@ def test_paths_and_nested_checkpoint_dicts(tmp_path, seed_checkpoint) -> None:
         assert torch.equal(model.fc1.weight, seed_checkpoint["model_state_dict"]["fc1.weight"])
     with pytest.raises(TypeError, match="not a state dict"):
         torchkeep.load_into(SeedNet(), {"epoch": 1})
+
+
+class Hyper(dict):
+    """A dict subclass with attribute access, like Lightning's AttributeDict."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+class Steps(list):
+    """A list subclass that carries an attribute."""
+
+
+def test_allowed_dict_and_list_subclasses_load_as_their_class(tmp_path) -> None:
+    steps = Steps([torch.ones(2), 3])
+    steps.note = torch.zeros(1)
+    path = tmp_path / "sub.pt"
+    torch.save({"hp": Hyper(lr=0.5, w=torch.arange(3.0)), "steps": steps}, path)
+    got = torchkeep.load(path, allow=[Hyper, Steps])
+    stock = torch.load(path, weights_only=False)
+    assert type(got["hp"]) is Hyper and got["hp"].lr == 0.5
+    assert isinstance(got["hp"]["w"], torch.Tensor)
+    assert torch.equal(got["hp"]["w"], stock["hp"]["w"])
+    assert type(got["steps"]) is Steps and torch.equal(got["steps"][0], torch.ones(2))
+    assert got["steps"][1] == 3 and torch.equal(got["steps"].note, torch.zeros(1))

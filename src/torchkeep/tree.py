@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -460,9 +461,23 @@ def _rebuild_container(obj: Any, convert: Callable[[Any], Any]) -> Any:
             return new
         if isinstance(obj, collections.Counter):
             return collections.Counter({k: convert(v) for k, v in obj.items()})
-        return {k: convert(v) for k, v in obj.items()}
+        # a dict subclass the caller allowed (allow=[cls]) stays an instance of its class:
+        # a shallow copy (the class's own copy protocol), its items converted
+        items = {k: convert(v) for k, v in obj.items()}
+        same = copy.copy(obj)
+        dict.clear(same)
+        dict.update(same, items)
+        _convert_attributes(same, obj, convert)
+        return same
     if isinstance(obj, list):
-        return [convert(v) for v in obj]
+        if type(obj) is list:
+            return [convert(v) for v in obj]
+        values = [convert(v) for v in obj]
+        copied: list[Any] = copy.copy(obj)
+        list.clear(copied)
+        list.extend(copied, values)
+        _convert_attributes(copied, obj, convert)
+        return copied
     if isinstance(obj, tuple):
         values = [convert(v) for v in obj]
         if hasattr(obj, "_fields"):  # a namedtuple
@@ -475,6 +490,11 @@ def _rebuild_container(obj: Any, convert: Callable[[Any], Any]) -> Any:
     if isinstance(obj, argparse.Namespace):
         return argparse.Namespace(**{k: convert(v) for k, v in vars(obj).items()})
     raise FormatError(f"cannot rebuild container of type {type(obj).__name__}")
+
+
+def _convert_attributes(new: Any, old: Any, convert: Callable[[Any], Any]) -> None:
+    if hasattr(old, "__dict__"):
+        new.__dict__.update({name: convert(value) for name, value in vars(old).items()})
 
 
 def _children(obj: Any) -> Any:
