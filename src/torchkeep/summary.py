@@ -47,6 +47,8 @@ class Inspection:
     values: list[ValueEntry] = field(default_factory=list)
     #: tensors and values together, in tree order
     entries: list[TensorInfo | ValueEntry] = field(default_factory=list)
+    #: for a Lightning ``.ckpt``: its version, epoch, step and parts (lightning_facts)
+    lightning: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -87,7 +89,31 @@ class Inspection:
             ],
             "values": [{"name": v.name, "path": list(v.path), "repr": v.repr, "type": v.type}
                        for v in self.values],
+            "lightning": self.lightning,
         }
+
+
+def lightning_facts(tree: Any) -> dict[str, Any] | None:
+    """What a Lightning checkpoint's tree says about itself (None for other trees): the
+    Lightning version, epoch, global step, how many tensors its ``state_dict`` holds, how
+    many optimizers and schedulers, the callbacks with state, the hyper-parameters."""
+    if not isinstance(tree, dict) or "pytorch-lightning_version" not in tree:
+        return None
+    state = tree.get("state_dict")
+    hyper = tree.get("hyper_parameters")
+    callbacks = tree.get("callbacks")
+    return {
+        "version": _short_repr(tree["pytorch-lightning_version"]).strip("'"),
+        "epoch": tree.get("epoch") if type(tree.get("epoch")) is int else None,
+        "global_step": tree.get("global_step") if type(tree.get("global_step")) is int else None,
+        "state_dict_tensors": sum(1 for _, leaf in leaves(state) if TensorInfo.of((), leaf))
+        if isinstance(state, dict) else 0,
+        "optimizers": len(tree.get("optimizer_states") or ()),
+        "lr_schedulers": len(tree.get("lr_schedulers") or ()),
+        "callbacks": [str(k) for k in callbacks] if isinstance(callbacks, dict) else [],
+        "hyper_parameters": {str(k): _short_repr(v) for k, v in hyper.items()}
+        if isinstance(hyper, dict) else {},
+    }
 
 
 class SharedRef:
@@ -170,6 +196,7 @@ def inspect(f: Any, *, allow: Iterable[AllowSpec] = (),
         writer.setdefault("byteorder", parsed.byteorder)
         return Inspection(parsed.source.name, parsed.format, writer,
                           [e for e in entries if isinstance(e, TensorInfo)],
-                          [e for e in entries if isinstance(e, ValueEntry)], entries)
+                          [e for e in entries if isinstance(e, ValueEntry)], entries,
+                          lightning_facts(parsed.tree))
     finally:
         parsed.close()

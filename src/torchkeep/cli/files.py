@@ -51,8 +51,13 @@ def inspect_command(path: str, as_json: bool, depth: int | None) -> None:
     click.echo(f"  format   {report.format}" + (f" ({writer})" if writer else ""))
     click.echo(f"  tensors  {len(report.tensors):,}, {report.parameters:,} elements, "
                f"{human_bytes(report.total_bytes)}")
+    collapse: frozenset[str] = frozenset()
+    if report.lightning is not None:
+        click.echo(_lightning_line(report.lightning))
+        if depth is None:  # Lightning's loop progress and callback states: one line each
+            collapse = frozenset({"loops", "callbacks"})
     click.echo("")
-    _print_tree(report, depth)
+    _print_tree(report, depth, collapse)
     click.echo("")
     click.echo("by dtype")
     for dtype, row in report.by_dtype().items():
@@ -65,18 +70,35 @@ _WRITER_FACTS = ("archive_name", "version", "format_version", "storage_alignment
                  "writer", "header_bytes")
 
 
-def _print_tree(report: Any, depth: int | None) -> None:
+def _lightning_line(facts: dict[str, Any]) -> str:
+    parts = [f"epoch {facts['epoch']}, global step {facts['global_step']}",
+             f"{facts['state_dict_tensors']} tensors in state_dict",
+             f"{facts['optimizers']} optimizer(s), {facts['lr_schedulers']} lr scheduler(s)"]
+    if facts["callbacks"]:
+        parts.append("callbacks " + ", ".join(name.split("{")[0] for name in facts["callbacks"]))
+    return f"  lightning {facts['version']}: " + "; ".join(parts)
+
+
+def _print_tree(report: Any, depth: int | None,
+                collapse: frozenset[str] = frozenset()) -> None:
+    """The tree, one line a leaf; below ``depth`` (and below the top-level keys in
+    ``collapse``) a sub-tree is one line of counts."""
     entries = report.entries
+
+    def cut(path: tuple[Any, ...]) -> int | None:
+        return 1 if path and path[0] in collapse else depth
+
     previous: tuple[Any, ...] = ()
     i = 0
     while i < len(entries):
         entry = entries[i]
         path = entry.path
-        if depth is not None and len(path) > depth:
-            prefix = path[:depth]
+        level = cut(path)
+        if level is not None and len(path) > level:
+            prefix = path[:level]
             tensors = nbytes = values = 0
-            while i < len(entries) and len(entries[i].path) > depth and \
-                    entries[i].path[:depth] == prefix:
+            while i < len(entries) and len(entries[i].path) > level and \
+                    entries[i].path[:level] == prefix:
                 if hasattr(entries[i], "nbytes"):
                     tensors += 1
                     nbytes += entries[i].nbytes
