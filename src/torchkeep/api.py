@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from torchkeep.errors import (
+    CheckpointNotFoundError,
     MissingDependencyError,
     StorageError,
     TorchkeepError,
@@ -233,6 +234,14 @@ def parse(
     if directory is not None:
         return parse_directory(directory, allowlist=Allowlist(allow), limits=limits,
                                storage_options=storage_options)
+    if isinstance(f, (str, os.PathLike)) and str(os.fspath(f)).endswith(".index.json"):
+        from torchkeep.formats.hf_folder import read_hf_index
+        from torchkeep.storage.filesystem import open_filesystem
+
+        fs, path = open_filesystem(f, storage_options=storage_options)
+        if not fs.exists(path):
+            raise CheckpointNotFoundError("no such file", source=os.fspath(f))
+        return read_hf_index(fs, path, allowlist=Allowlist(allow), limits=limits)
     source = open_source(f, storage_options=storage_options)
     try:
         return parse_source(source, allowlist=Allowlist(allow), limits=limits)
@@ -243,15 +252,30 @@ def parse(
 
 def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits,
                     storage_options: dict[str, Any] | None = None) -> Parsed:
-    """Parse a directory: a DCP checkpoint, else a torchkeep step directory."""
+    """Parse a directory: a DCP checkpoint, a Hugging Face model folder, else a torchkeep
+    step directory."""
     from torchkeep.formats.detect import directory_format
     from torchkeep.storage.filesystem import open_filesystem
 
     fs, path = open_filesystem(directory, storage_options=storage_options)
-    if directory_format(fs, path) == "dcp":
+    kind = directory_format(fs, path)
+    if kind == "dcp":
         from torchkeep.formats.dcp import read_dcp_dir
 
         return read_dcp_dir(path, fs=fs, limits=limits, allowlist=allowlist)
+    if kind == "hf":
+        from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_weights, read_hf_index
+
+        weights = hf_weights(fs, path)
+        assert weights is not None
+        if weights.endswith(INDEX_SUFFIX):
+            return read_hf_index(fs, weights, allowlist=allowlist, limits=limits)
+        source = fs.source(weights)
+        try:
+            return parse_source(source, allowlist=allowlist, limits=limits)
+        except BaseException:
+            source.close()
+            raise
     from torchkeep.formats.manifest import read_step_dir
 
     return read_step_dir(path, fs=fs, limits=limits)

@@ -16,6 +16,7 @@ it did not understand), and ``clean`` otherwise.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,9 @@ def scan(f: Any, *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
     """Statically scan ``f`` (a path, file object or bytes); nothing in it is executed."""
     from torchkeep.api import step_directory
 
+    hf = _scan_hf(f, limits)
+    if hf is not None:
+        return hf
     directory = step_directory(f)  # a local folder, or one at an fsspec URL
     if directory is not None:
         from torchkeep.formats.dcp import is_dcp_dir
@@ -86,6 +90,36 @@ def scan(f: Any, *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
         return report
     finally:
         source.close()
+
+
+def _scan_hf(f: Any, limits: Limits) -> ScanReport | None:
+    """A Hugging Face folder or index: the index is JSON (checked, not executable); every
+    shard is scanned as the file it is (a ``.bin`` shard is a torch.save pickle)."""
+    from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_files
+
+    try:
+        found = hf_files(f)
+    except TorchkeepError as e:
+        report = ScanReport(str(f), "hf-index")
+        report.errors.append(e.reason)
+        return report
+    if found is None:
+        return None
+    fs, weights, files = found
+    if not weights.endswith(INDEX_SUFFIX):
+        return scan(fs.describe(weights), limits=limits)
+    report = ScanReport(fs.describe(weights), "hf-index")
+    for path in files:
+        name = path.rpartition("/")[2]
+        if not fs.exists(path):
+            report.errors.append(f"shard {name} named by the index is missing")
+            continue
+        part = scan(fs.describe(path), limits=limits)
+        report.pickles += part.pickles
+        report.findings += [dataclasses.replace(x, location=_at(name, x.location))
+                            for x in part.findings]
+        report.errors += [f"{name}: {e}" for e in part.errors]
+    return report
 
 
 def _scan_step_directory(directory: str, limits: Limits) -> ScanReport:

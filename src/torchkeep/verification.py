@@ -75,6 +75,9 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
     structure (safetensors bounds, pickle, storage sizes). Never raises for corruption:
     the result names the first bad record or tensor."""
     tick = progress or (lambda n: None)
+    hf = _hf_verification(f, limits, progress)
+    if hf is not None:
+        return hf
     directory = step_directory(f)
     if directory is not None:
         fs, path = open_filesystem(directory)
@@ -100,6 +103,46 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
         return result
     finally:
         source.close()
+
+
+def _hf_verification(f: Any, limits: Limits,
+                     progress: Callable[[int], None] | None) -> Verification | None:
+    """A Hugging Face folder or index: every shard verified as the file it is, then the
+    index checked against the shards (every name in its shard, none in two)."""
+    from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_files, read_hf_index
+
+    try:
+        found = hf_files(f)
+    except CorruptCheckpointError as e:
+        return Verification(str(f), "hf-index", problem=e.reason)
+    if found is None:
+        return None
+    fs, weights, files = found
+    if not weights.endswith(INDEX_SUFFIX):
+        return verify(fs.describe(weights), limits=limits, progress=progress)
+    result = Verification(fs.describe(weights), "hf-index")
+    notes: dict[str, list[str]] = {}
+    for path in files:
+        if not fs.exists(path):
+            result.problem = f"shard {path.rpartition('/')[2]} named by the index is missing"
+            return result
+        part = verify(fs.describe(path), limits=limits, progress=progress)
+        result.checked += part.checked
+        result.checked_bytes += part.checked_bytes
+        result.unchecked += part.unchecked
+        name = path.rpartition("/")[2]
+        for note in part.notes:
+            notes.setdefault(note, []).append(name)
+        if part.problem is not None:
+            result.problem = f"{name}: {part.problem}"
+            return result
+    result.notes += [f"{note} ({len(names)} of {len(files)} shards)" if len(files) > 1
+                     else note for note, names in notes.items()]
+    try:
+        read_hf_index(fs, weights, limits=limits).close()
+    except CorruptCheckpointError as e:
+        result.problem = e.reason
+    return result
 
 
 def _verify_zip(source: Source, result: Verification, limits: Limits,

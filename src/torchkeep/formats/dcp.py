@@ -65,6 +65,7 @@ __all__ = [
     "DATA_SUFFIX",
     "FORMAT_NAME",
     "METADATA_NAME",
+    "STEP_FILES",
     "DcpMetadata",
     "is_dcp_dir",
     "read_dcp_dir",
@@ -77,7 +78,7 @@ DATA_SUFFIX = ".distcp"
 #: DCP metadata versions read here (``Metadata.version``; absent before torch 2.4)
 SUPPORTED_VERSIONS = re.compile(r"^1\.\d+\.\d+$")
 _RANK_METADATA = re.compile(r"^__\d+\.metadata$")  # dcp.save(use_collectives=False)
-_STEP_FILES = ("COMMITTED", "manifest.json")  # a torchkeep step directory, not DCP
+STEP_FILES = ("COMMITTED", "manifest.json")  # a torchkeep step directory, not DCP
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
 
@@ -86,7 +87,7 @@ def is_dcp_dir(fs: FileSystem, directory: str) -> bool:
     """True when ``directory`` is a DCP checkpoint: it holds ``.metadata`` (or only the
     per-rank ``__N.metadata`` of ``use_collectives=False``) and is not a torchkeep step."""
     names = set(fs.listdir(directory))
-    if names.intersection(_STEP_FILES):
+    if names.intersection(STEP_FILES):
         return False
     return METADATA_NAME in names or any(_RANK_METADATA.match(n) for n in names)
 

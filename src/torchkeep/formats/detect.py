@@ -169,7 +169,15 @@ def detect(source: Source) -> str:
 
 def directory_format(fs: FileSystem, directory: str) -> str:
     """What a directory holds: ``dcp`` (a torch.distributed.checkpoint directory: a
-    ``.metadata`` file) or ``torchkeep`` (anything else is read as a step directory)."""
-    from torchkeep.formats.dcp import is_dcp_dir
+    ``.metadata`` file), ``hf`` (a Hugging Face model folder: a weights index, or one
+    ``model.safetensors`` / ``pytorch_model.bin``, and no torchkeep step files) or
+    ``torchkeep`` (anything else is read as a step directory)."""
+    from torchkeep.formats.dcp import STEP_FILES, is_dcp_dir
+    from torchkeep.formats.hf_folder import hf_weights
 
-    return "dcp" if is_dcp_dir(fs, directory) else "torchkeep"
+    if is_dcp_dir(fs, directory):
+        return "dcp"
+    if not set(fs.listdir(directory)).intersection(STEP_FILES) and \
+            hf_weights(fs, directory) is not None:
+        return "hf"
+    return "torchkeep"
