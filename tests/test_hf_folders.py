@@ -170,3 +170,122 @@ def test_a_lying_index_is_a_clear_error(folders, tmp_path, edit, message) -> Non
     with pytest.raises(torchkeep.CorruptCheckpointError, match=message):
         torchkeep.load(folder)
     assert main(["verify", str(folder)]) == 1
+
+
+# -- Trainer and Accelerate folders -------------------------------------------------------
+
+class _Data(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        generator = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 99, (8,), generator=generator),
+                "labels": torch.tensor(i % 2)}
+
+
+@pytest.fixture(scope="module")
+def training_folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("training")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=37,
+                                     vocab_size=99, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(root / "trainer"), max_steps=4, save_steps=2,
+        per_device_train_batch_size=4, report_to=[], use_cpu=True, learning_rate=3e-4)
+    transformers.Trainer(model=model, args=args, train_dataset=_Data()).train()
+
+    import accelerate
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    net = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)),
+                                         batch_size=4, shuffle=True)
+    net, optimizer, scheduler, loader = accelerator.prepare(net, optimizer, scheduler, loader)
+    for (x,) in loader:
+        accelerator.backward(net(x).sum())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    accelerator.save_state(str(root / "accelerate"))
+    return {"trainer": root / "trainer" / "checkpoint-4", "accelerate": root / "accelerate",
+            "args": args}
+
+
+def _same(ours, theirs) -> None:
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs)
+    elif isinstance(theirs, dict):
+        assert list(ours) == list(theirs)
+        for key in theirs:
+            _same(ours[key], theirs[key])
+    elif isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            _same(a, b)
+    elif type(theirs).__module__ == "numpy":
+        assert (ours == theirs).all() if hasattr(theirs, "shape") else ours == theirs
+    else:
+        assert ours == theirs
+
+
+def test_a_trainer_checkpoint_folder_is_one_tree(training_folders) -> None:
+    folder = training_folders["trainer"]
+    tree = torchkeep.load(folder)
+    assert list(tree) == ["model", "optimizer", "rng_state", "scheduler", "training_args",
+                          "trainer_state"]
+    oracle = transformers.BertForSequenceClassification.from_pretrained(folder).state_dict()
+    _assert_equal_state(tree["model"], oracle)
+    for part, name in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"),
+                       ("rng_state", "rng_state.pth")):
+        _same(tree[part], torch.load(folder / name, weights_only=False))  # trusted here
+    assert tree["trainer_state"] == json.loads((folder / "trainer_state.json").read_text())
+    assert tree["trainer_state"]["global_step"] == 4
+    args = tree["training_args"]  # an inert record: fields readable, nothing imported
+    assert isinstance(args, torchkeep.PickledObject)
+    assert args.qualname == "transformers.training_args.TrainingArguments"
+    assert args.state["learning_rate"] == training_folders["args"].learning_rate == 3e-4
+    assert args.state["max_steps"] == 4
+
+
+def test_an_accelerate_state_folder_is_one_tree(training_folders) -> None:
+    folder = training_folders["accelerate"]
+    tree = torchkeep.load(folder)
+    assert sorted(tree) == ["model", "optimizer", "random_states_0", "scheduler"]
+    from safetensors.torch import load_file
+
+    _assert_equal_state(tree["model"], load_file(folder / "model.safetensors"))
+    for part, name in (("optimizer", "optimizer.bin"), ("scheduler", "scheduler.bin"),
+                       ("random_states_0", "random_states_0.pkl")):
+        _same(tree[part], torch.load(folder / name, weights_only=False))  # trusted here
+
+
+def test_cli_on_training_folders(training_folders, capsys) -> None:
+    for kind in ("trainer", "accelerate"):
+        folder = str(training_folders[kind])
+        assert main(["inspect", folder, "--depth", "1"]) == 0
+        assert main(["verify", folder]) == 0
+        assert main(["scan", folder]) == 0
+    out = capsys.readouterr().out
+    assert "hf-training (kind transformers Trainer" in out and "kind Accelerate" in out
+    assert "training_args/" in out and "random_states_0/" in out
+    assert out.count("intact (hf-training") == 2 and out.count("clean (hf-training") == 2
+
+
+def test_a_hostile_part_of_a_trainer_folder_is_refused(training_folders, tmp_path,
+                                                       capsys) -> None:
+    folder = tmp_path / "checkpoint-4"
+    shutil.copytree(training_folders["trainer"], folder)
+    marker = tmp_path / "PWNED"
+    torch.save({"x": Evil(marker)}, folder / "training_args.bin")
+    with pytest.raises(torchkeep.UnsafeCheckpointError, match="system") as caught:
+        torchkeep.load(folder)
+    assert "training_args" in str(caught.value)
+    assert main(["scan", str(folder)]) == 1
+    assert "training_args.bin" in capsys.readouterr().out
+    assert not marker.exists()

@@ -263,6 +263,10 @@ def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits,
         from torchkeep.formats.dcp import read_dcp_dir
 
         return read_dcp_dir(path, fs=fs, limits=limits, allowlist=allowlist)
+    if kind == "hf-training":
+        from torchkeep.formats.hf_training import read_training_folder
+
+        return read_training_folder(fs, path, allowlist=allowlist, limits=limits)
     if kind == "hf":
         from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_weights, read_hf_index
 

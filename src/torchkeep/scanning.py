@@ -93,9 +93,12 @@ def scan(f: Any, *, limits: Limits = DEFAULT_LIMITS) -> ScanReport:
 
 
 def _scan_hf(f: Any, limits: Limits) -> ScanReport | None:
-    """A Hugging Face folder or index: the index is JSON (checked, not executable); every
-    shard is scanned as the file it is (a ``.bin`` shard is a torch.save pickle)."""
-    from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_files
+    """A Hugging Face folder or index, a Trainer or Accelerate folder: JSON files are
+    checked, not executable; every other file is scanned as the file it is (a ``.bin``
+    shard, ``optimizer.pt`` ... are torch.save pickles). In a Trainer folder the
+    transformers names torchkeep admits as inert records count as safe."""
+    from torchkeep.formats.hf_folder import hf_files
+    from torchkeep.formats.hf_training import TRANSFORMERS_RECORDS
 
     try:
         found = hf_files(f)
@@ -105,19 +108,25 @@ def _scan_hf(f: Any, limits: Limits) -> ScanReport | None:
         return report
     if found is None:
         return None
-    fs, weights, files = found
-    if not weights.endswith(INDEX_SUFFIX):
-        return scan(fs.describe(weights), limits=limits)
-    report = ScanReport(fs.describe(weights), "hf-index")
-    for path in files:
-        name = path.rpartition("/")[2]
+    fs = found.fs
+    if found.kind == "single":
+        return scan(fs.describe(found.root), limits=limits)
+    training = found.kind == "training"
+    report = ScanReport(fs.describe(found.root), "hf-training" if training else "hf-index")
+    for path in found.files:
+        name = path.rsplit("/", 1)[-1]
         if not fs.exists(path):
-            report.errors.append(f"shard {name} named by the index is missing")
+            report.errors.append(f"{name} named by the index is missing")
             continue
         part = scan(fs.describe(path), limits=limits)
         report.pickles += part.pickles
-        report.findings += [dataclasses.replace(x, location=_at(name, x.location))
-                            for x in part.findings]
+        for finding in part.findings:
+            finding = dataclasses.replace(finding, location=_at(name, finding.location))
+            if training and finding.name in TRANSFORMERS_RECORDS and \
+                    finding.verdict == "unknown":
+                finding = dataclasses.replace(
+                    finding, verdict="safe", detail="read as an inert record")
+            report.findings.append(finding)
         report.errors += [f"{name}: {e}" for e in part.errors]
     return report
 

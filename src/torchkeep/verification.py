@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.checksums import crc32
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
 from torchkeep.storage.source import Source, open_source
-from torchkeep.unpickle import Allowlist
+from torchkeep.unpickle import Allowlist, AllowSpec
 
 __all__ = ["Verification", "verify"]
 
@@ -84,6 +84,11 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
         if directory_format(fs, path) == "dcp":
             return _verify_dcp(fs, path, directory, limits, tick)
         return _verify_step(directory, limits, tick)
+    return _verify_file(f, limits, tick, ())
+
+
+def _verify_file(f: Any, limits: Limits, tick: Callable[[int], None],
+                 allow: Iterable[AllowSpec]) -> Verification:
     source = open_source(f)
     try:
         fmt = detect(source)
@@ -92,7 +97,7 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
             if fmt == "torch":
                 _verify_zip(source, result, limits, tick)
             # structure: the full parse checks sizes, bounds, pickle and views
-            parse_source(source, allowlist=Allowlist(), limits=limits)
+            parse_source(source, allowlist=Allowlist(allow), limits=limits)
         except CorruptCheckpointError as e:
             if result.problem is None:
                 result.problem = e.reason
@@ -107,9 +112,11 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
 
 def _hf_verification(f: Any, limits: Limits,
                      progress: Callable[[int], None] | None) -> Verification | None:
-    """A Hugging Face folder or index: every shard verified as the file it is, then the
-    index checked against the shards (every name in its shard, none in two)."""
-    from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_files, read_hf_index
+    """A Hugging Face folder or index, a Trainer or Accelerate folder: every file verified
+    as the file it is, then the whole read as one checkpoint (an index checked against its
+    shards: every name in its shard, none in two)."""
+    from torchkeep.formats.hf_folder import hf_files, read_hf_index
+    from torchkeep.formats.hf_training import TRANSFORMERS_RECORDS, read_training_folder
 
     try:
         found = hf_files(f)
@@ -117,29 +124,35 @@ def _hf_verification(f: Any, limits: Limits,
         return Verification(str(f), "hf-index", problem=e.reason)
     if found is None:
         return None
-    fs, weights, files = found
-    if not weights.endswith(INDEX_SUFFIX):
-        return verify(fs.describe(weights), limits=limits, progress=progress)
-    result = Verification(fs.describe(weights), "hf-index")
+    fs = found.fs
+    if found.kind == "single":
+        return verify(fs.describe(found.root), limits=limits, progress=progress)
+    training = found.kind == "training"
+    result = Verification(fs.describe(found.root), "hf-training" if training else "hf-index")
+    allow = TRANSFORMERS_RECORDS if training else ()
     notes: dict[str, list[str]] = {}
-    for path in files:
+    for path in found.files:
+        name = path.rsplit("/", 1)[-1]
         if not fs.exists(path):
-            result.problem = f"shard {path.rpartition('/')[2]} named by the index is missing"
+            result.problem = f"{name} named by the index is missing"
             return result
-        part = verify(fs.describe(path), limits=limits, progress=progress)
+        part = _verify_file(fs.describe(path), limits, progress or (lambda n: None), allow)
         result.checked += part.checked
         result.checked_bytes += part.checked_bytes
         result.unchecked += part.unchecked
-        name = path.rpartition("/")[2]
         for note in part.notes:
             notes.setdefault(note, []).append(name)
         if part.problem is not None:
             result.problem = f"{name}: {part.problem}"
             return result
-    result.notes += [f"{note} ({len(names)} of {len(files)} shards)" if len(files) > 1
-                     else note for note, names in notes.items()]
+    count = len(found.files)
+    result.notes += [f"{note} ({len(names)} of {count} files)" if count > 1 else note
+                     for note, names in notes.items()]
     try:
-        read_hf_index(fs, weights, limits=limits).close()
+        if training:
+            read_training_folder(fs, found.root, limits=limits).close()
+        else:
+            read_hf_index(fs, found.root, limits=limits).close()
     except CorruptCheckpointError as e:
         result.problem = e.reason
     return result

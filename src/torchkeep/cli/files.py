@@ -67,7 +67,7 @@ def inspect_command(path: str, as_json: bool, depth: int | None) -> None:
 
 _WRITER_FACTS = ("archive_name", "version", "format_version", "storage_alignment", "byteorder",
                  "compressed_records", "step", "created", "torch_version", "torchkeep_version",
-                 "writer", "header_bytes", "shards", "shard_format")
+                 "writer", "header_bytes", "shards", "shard_format", "kind")
 
 
 def _lightning_line(facts: dict[str, Any]) -> str:

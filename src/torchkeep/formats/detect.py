@@ -169,15 +169,20 @@ def detect(source: Source) -> str:
 
 def directory_format(fs: FileSystem, directory: str) -> str:
     """What a directory holds: ``dcp`` (a torch.distributed.checkpoint directory: a
-    ``.metadata`` file), ``hf`` (a Hugging Face model folder: a weights index, or one
-    ``model.safetensors`` / ``pytorch_model.bin``, and no torchkeep step files) or
+    ``.metadata`` file), ``hf-training`` (a transformers Trainer checkpoint or an
+    Accelerate state folder), ``hf`` (a Hugging Face model folder: a weights index, or one
+    ``model.safetensors`` / ``pytorch_model.bin``; neither with torchkeep step files) or
     ``torchkeep`` (anything else is read as a step directory)."""
     from torchkeep.formats.dcp import STEP_FILES, is_dcp_dir
     from torchkeep.formats.hf_folder import hf_weights
+    from torchkeep.formats.hf_training import is_training_folder
 
     if is_dcp_dir(fs, directory):
         return "dcp"
-    if not set(fs.listdir(directory)).intersection(STEP_FILES) and \
-            hf_weights(fs, directory) is not None:
-        return "hf"
+    names = fs.listdir(directory)
+    if not set(names).intersection(STEP_FILES):
+        if is_training_folder(names):
+            return "hf-training"
+        if hf_weights(fs, directory) is not None:
+            return "hf"
     return "torchkeep"

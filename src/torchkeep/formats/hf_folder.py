@@ -28,10 +28,11 @@ from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.limits import DEFAULT_LIMITS, Limits
 from torchkeep.storage.filesystem import FileSystem
 from torchkeep.storage.source import Source
-from torchkeep.tree import StorageRef, TensorRef
+from torchkeep.tree import SparseRef, StorageRef, StorageView, TensorRef, map_tree
 from torchkeep.unpickle import Allowlist
 
-__all__ = ["INDEX_SUFFIX", "hf_files", "hf_weights", "read_hf_index", "shard_names"]
+__all__ = ["INDEX_SUFFIX", "HFFiles", "hf_files", "hf_weights", "read_hf_index", "rekeyed",
+           "shard_names"]
 
 INDEX_SUFFIX = ".index.json"
 #: what ``save_pretrained`` writes, in the order transformers prefers them
@@ -77,10 +78,22 @@ def shard_names(fs: FileSystem, index_path: str) -> list[str]:
     return list(dict.fromkeys(_index(fs, index_path).values()))
 
 
-def hf_files(f: Any) -> tuple[FileSystem, str, list[str]] | None:
-    """For a Hugging Face model folder or a weights index (a local path or an fsspec URL):
-    the file system, the weights file (index or single file) and every file holding
-    tensors; None for anything else. A broken index raises CorruptCheckpointError."""
+@dataclasses.dataclass(frozen=True)
+class HFFiles:
+    """The files of a Hugging Face checkpoint: ``kind`` is ``index`` (``root`` is the
+    index), ``single`` (``root`` is the weights file) or ``training`` (``root`` is a
+    Trainer or Accelerate folder); ``files`` are those holding tensors or pickles."""
+
+    fs: FileSystem
+    kind: str
+    root: str
+    files: list[str]
+
+
+def hf_files(f: Any) -> HFFiles | None:
+    """The files of a Hugging Face model folder, weights index, Trainer checkpoint or
+    Accelerate state folder (a local path or an fsspec URL); None for anything else. A
+    broken index raises CorruptCheckpointError."""
     import os
 
     from torchkeep.formats.detect import directory_format
@@ -91,14 +104,24 @@ def hf_files(f: Any) -> tuple[FileSystem, str, list[str]] | None:
     fs, path = open_filesystem(f)
     if str(os.fspath(f)).endswith(INDEX_SUFFIX):
         weights: str | None = path
-    elif fs.isdir(path) and directory_format(fs, path) == "hf":
-        weights = hf_weights(fs, path)
-    else:
+    elif not fs.isdir(path):
         return None
-    if weights is None or not weights.endswith(INDEX_SUFFIX):
-        return (fs, weights, [weights]) if weights is not None else None
+    else:
+        kind = directory_format(fs, path)
+        if kind == "hf-training":
+            from torchkeep.formats.hf_training import training_files
+
+            files = [file for part in training_files(fs, path).values() for file in part
+                     if not file.endswith(".json")]
+            return HFFiles(fs, "training", path, files)
+        weights = hf_weights(fs, path) if kind == "hf" else None
+    if weights is None:
+        return None
+    if not weights.endswith(INDEX_SUFFIX):
+        return HFFiles(fs, "single", weights, [weights])
     folder = posixpath.dirname(weights) if "/" in weights else "."
-    return fs, weights, [fs.join(folder, name) for name in shard_names(fs, weights)]
+    return HFFiles(fs, "index", weights,
+                   [fs.join(folder, name) for name in shard_names(fs, weights)])
 
 
 def _rekeyed(ref: StorageRef, prefix: str, seen: dict[int, StorageRef]) -> StorageRef:
@@ -110,9 +133,33 @@ def _rekeyed(ref: StorageRef, prefix: str, seen: dict[int, StorageRef]) -> Stora
     return hit
 
 
-def _tensor(ref: TensorRef, prefix: str, seen: dict[int, StorageRef]) -> TensorRef:
-    storage = _rekeyed(ref.storage, prefix, seen) if ref.storage is not None else None
-    return dataclasses.replace(ref, storage=storage)
+def rekeyed(parsed: Parsed, prefix: str, limits: Limits = DEFAULT_LIMITS,
+            ) -> tuple[Any, dict[str, Record]]:
+    """``parsed``'s tree and records with every storage key prefixed by ``prefix`` (and
+    every record pointing at its own source), so several files' records live in one
+    Parsed without colliding."""
+    seen: dict[int, StorageRef] = {}
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, TensorRef):
+            storage = _rekeyed(value.storage, prefix, seen) if value.storage is not None \
+                else None
+            quantizer = value.quantizer
+            if quantizer is not None:
+                quantizer = tuple(leaf(q) if isinstance(q, TensorRef) else q
+                                  for q in quantizer)
+            return dataclasses.replace(value, storage=storage, quantizer=quantizer)
+        if isinstance(value, SparseRef):
+            return dataclasses.replace(value, parts=tuple(leaf(p) for p in value.parts))
+        if isinstance(value, StorageView):
+            return StorageView(_rekeyed(value.storage, prefix, seen), value.dtype)
+        return value
+
+    tree = map_tree(parsed.tree, leaf, limits=limits)
+    records = {prefix + key: record if record.source is not None else
+               dataclasses.replace(record, source=parsed.source)
+               for key, record in parsed.records.items()}
+    return tree, records
 
 
 def read_hf_index(fs: FileSystem, index_path: str, *, allowlist: Allowlist | None = None,
@@ -148,8 +195,7 @@ def read_hf_index(fs: FileSystem, index_path: str, *, allowlist: Allowlist | Non
         raise
 
 
-def _flat(parsed: Parsed, shard: str) -> dict[str, TensorRef]:
-    tree = parsed.tree
+def _flat(tree: Any, shard: str) -> dict[str, TensorRef]:
     if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict) and \
             not any(isinstance(v, TensorRef) for v in tree.values()):
         tree = tree["state_dict"]  # some .bin shards wrap the state dict
@@ -173,17 +219,14 @@ def _combine(weight_map: dict[str, str], shards: dict[str, Parsed], index: Sourc
     if len(byteorders) > 1:
         raise CorruptCheckpointError("the shards store their bytes in different byte orders")
     for shard, parsed in shards.items():
-        prefix = f"{shard}:"
-        seen: dict[int, StorageRef] = {}
-        for name, ref in _flat(parsed, shard).items():
+        tree, shard_records = rekeyed(parsed, f"{shard}:")
+        for name, ref in _flat(tree, shard).items():
             if name in where:
                 raise CorruptCheckpointError(
                     f"tensor {shown(name)} is in both {where[name]} and {shard}")
             where[name] = shard
-            tensors[name] = _tensor(ref, prefix, seen)
-        for key, record in parsed.records.items():
-            records[prefix + key] = record if record.source is not None else \
-                dataclasses.replace(record, source=parsed.source)
+            tensors[name] = ref
+        records.update(shard_records)
     for name, shard in weight_map.items():
         if where.get(name) != shard:
             found = f"it is in {where[name]}" if name in where else "no shard holds it"

@@ -168,6 +168,15 @@ class Allowlist:
         """Every ``module.name`` this allowlist resolves."""
         return frozenset(self._table)
 
+    def extended(self, allow: Iterable[AllowSpec]) -> Allowlist:
+        """A copy of this allowlist that also admits ``allow`` (this one is unchanged)."""
+        copy = Allowlist()
+        copy._table = dict(self._table)
+        copy._user_classes = dict(self._user_classes)
+        for spec in allow:
+            copy._add(spec)
+        return copy
+
     def _add(self, spec: AllowSpec) -> None:
         if isinstance(spec, str):
             module, _, name = spec.rpartition(".")
