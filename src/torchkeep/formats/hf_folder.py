@@ -17,10 +17,12 @@ folder; every name the index lists must be in its shard, and no tensor may be in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import posixpath
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError, shown
@@ -31,8 +33,8 @@ from torchkeep.storage.source import Source
 from torchkeep.tree import SparseRef, StorageRef, StorageView, TensorRef, map_tree
 from torchkeep.unpickle import Allowlist
 
-__all__ = ["INDEX_SUFFIX", "HFFiles", "hf_files", "hf_weights", "read_hf_index", "rekeyed",
-           "shard_names"]
+__all__ = ["INDEX_SUFFIX", "HFFiles", "closed_on_failure", "hf_files", "hf_weights",
+           "read_hf_index", "rekeyed", "shard_names"]
 
 INDEX_SUFFIX = ".index.json"
 #: what ``save_pretrained`` writes, in the order transformers prefers them
@@ -162,6 +164,20 @@ def rekeyed(parsed: Parsed, prefix: str, limits: Limits = DEFAULT_LIMITS,
     return tree, records
 
 
+@contextlib.contextmanager
+def closed_on_failure(sources: list[Source], name: str) -> Iterator[None]:
+    """Close every source in ``sources`` (as it is then) if the block raises; a torchkeep
+    error is told it came from ``name``."""
+    try:
+        yield
+    except BaseException as e:
+        for source in sources:
+            source.close()
+        if isinstance(e, TorchkeepError):
+            e.with_source(name)
+        raise
+
+
 def read_hf_index(fs: FileSystem, index_path: str, *, allowlist: Allowlist | None = None,
                   limits: Limits = DEFAULT_LIMITS) -> Parsed:
     """Parse a sharded Hugging Face checkpoint from its index (no tensor bytes read)."""
@@ -172,7 +188,7 @@ def read_hf_index(fs: FileSystem, index_path: str, *, allowlist: Allowlist | Non
     allowlist = allowlist or Allowlist()
     shards: dict[str, Parsed] = {}
     sources: list[Source] = []
-    try:
+    with closed_on_failure(sources, index_path):
         for shard in dict.fromkeys(weight_map.values()):
             path = fs.join(folder, shard)
             if not fs.exists(path):
@@ -184,15 +200,6 @@ def read_hf_index(fs: FileSystem, index_path: str, *, allowlist: Allowlist | Non
         index_source = fs.source(index_path)
         sources.insert(0, index_source)
         return _combine(weight_map, shards, index_source, sources[1:])
-    except TorchkeepError as e:
-        for source in sources:
-            source.close()
-        e.with_source(index_path)
-        raise
-    except BaseException:
-        for source in sources:
-            source.close()
-        raise
 
 
 def _flat(tree: Any, shard: str) -> dict[str, TensorRef]:

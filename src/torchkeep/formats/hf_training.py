@@ -30,9 +30,10 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from torchkeep.errors import CorruptCheckpointError, TorchkeepError
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.formats.hf_folder import (
     INDEX_SUFFIX,
+    closed_on_failure,
     hf_weights,
     read_hf_index,
     rekeyed,
@@ -110,7 +111,7 @@ def read_training_folder(fs: FileSystem, directory: str, *,
     records: dict[str, Record] = {}
     sources: list[Source] = []
     parsed_parts: list[Parsed] = []
-    try:
+    with closed_on_failure(sources, directory):
         for part, files in training_files(fs, directory).items():
             first = files[0]
             if part == "trainer_state":
@@ -146,12 +147,3 @@ def read_training_folder(fs: FileSystem, directory: str, *,
                       byteorder=orders.pop() if orders else "little",
                       info={"kind": kind, "parts": ", ".join(tree)},
                       extra_sources=sources)
-    except TorchkeepError as e:
-        for source in sources:
-            source.close()
-        e.with_source(directory)
-        raise
-    except BaseException:
-        for source in sources:
-            source.close()
-        raise
