@@ -234,7 +234,9 @@ def parse(
     if directory is not None:
         return parse_directory(directory, allowlist=Allowlist(allow), limits=limits,
                                storage_options=storage_options)
-    if isinstance(f, (str, os.PathLike)) and str(os.fspath(f)).endswith(".index.json"):
+    from torchkeep.formats.hf_folder import INDEX_SUFFIX
+
+    if isinstance(f, (str, os.PathLike)) and str(os.fspath(f)).endswith(INDEX_SUFFIX):
         from torchkeep.formats.hf_folder import read_hf_index
         from torchkeep.storage.filesystem import open_filesystem
 
@@ -254,11 +256,12 @@ def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits,
                     storage_options: dict[str, Any] | None = None) -> Parsed:
     """Parse a directory: a DCP checkpoint, a Hugging Face model folder, else a torchkeep
     step directory."""
-    from torchkeep.formats.detect import directory_format
+    from torchkeep.formats.detect import listing_format
     from torchkeep.storage.filesystem import open_filesystem
 
     fs, path = open_filesystem(directory, storage_options=storage_options)
-    kind = directory_format(fs, path)
+    names = fs.listdir(path)
+    kind = listing_format(names)
     if kind == "dcp":
         from torchkeep.formats.dcp import read_dcp_dir
 
@@ -266,12 +269,13 @@ def parse_directory(directory: str, *, allowlist: Allowlist, limits: Limits,
     if kind == "hf-training":
         from torchkeep.formats.hf_training import read_training_folder
 
-        return read_training_folder(fs, path, allowlist=allowlist, limits=limits)
+        return read_training_folder(fs, path, allowlist=allowlist, limits=limits, names=names)
     if kind == "hf":
-        from torchkeep.formats.hf_folder import INDEX_SUFFIX, hf_weights, read_hf_index
+        from torchkeep.formats.hf_folder import INDEX_SUFFIX, read_hf_index, weights_name
 
-        weights = hf_weights(fs, path)
-        assert weights is not None
+        name = weights_name(names)
+        assert name is not None
+        weights = fs.join(path, name)
         if weights.endswith(INDEX_SUFFIX):
             return read_hf_index(fs, weights, allowlist=allowlist, limits=limits)
         source = fs.source(weights)

@@ -68,6 +68,7 @@ __all__ = [
     "STEP_FILES",
     "DcpMetadata",
     "is_dcp_dir",
+    "is_dcp_listing",
     "read_dcp_dir",
     "read_dcp_metadata",
 ]
@@ -86,8 +87,12 @@ _FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
 def is_dcp_dir(fs: FileSystem, directory: str) -> bool:
     """True when ``directory`` is a DCP checkpoint: it holds ``.metadata`` (or only the
     per-rank ``__N.metadata`` of ``use_collectives=False``) and is not a torchkeep step."""
-    names = set(fs.listdir(directory))
-    if names.intersection(STEP_FILES):
+    return is_dcp_listing(fs.listdir(directory))
+
+
+def is_dcp_listing(names: list[str]) -> bool:
+    """:func:`is_dcp_dir` for a directory's listing."""
+    if set(names).intersection(STEP_FILES):
         return False
     return METADATA_NAME in names or any(_RANK_METADATA.match(n) for n in names)
 

@@ -30,6 +30,7 @@ __all__ = [
     "format_for_suffix",
     "is_pickle_head",
     "is_zip_head",
+    "listing_format",
     "looks_like_safetensors",
     "sniff",
     "tar_format",
@@ -173,16 +174,21 @@ def directory_format(fs: FileSystem, directory: str) -> str:
     Accelerate state folder), ``hf`` (a Hugging Face model folder: a weights index, or one
     ``model.safetensors`` / ``pytorch_model.bin``; neither with torchkeep step files) or
     ``torchkeep`` (anything else is read as a step directory)."""
-    from torchkeep.formats.dcp import STEP_FILES, is_dcp_dir
-    from torchkeep.formats.hf_folder import hf_weights
+    return listing_format(fs.listdir(directory))
+
+
+def listing_format(names: list[str]) -> str:
+    """:func:`directory_format` for a directory's listing (one listing serves both the
+    classification and the reader)."""
+    from torchkeep.formats.dcp import STEP_FILES, is_dcp_listing
+    from torchkeep.formats.hf_folder import weights_name
     from torchkeep.formats.hf_training import is_training_folder
 
-    if is_dcp_dir(fs, directory):
+    if is_dcp_listing(names):
         return "dcp"
-    names = fs.listdir(directory)
     if not set(names).intersection(STEP_FILES):
         if is_training_folder(names):
             return "hf-training"
-        if hf_weights(fs, directory) is not None:
+        if weights_name(names) is not None:
             return "hf"
     return "torchkeep"

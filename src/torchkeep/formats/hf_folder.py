@@ -33,8 +33,8 @@ from torchkeep.storage.source import Source
 from torchkeep.tree import SparseRef, StorageRef, StorageView, TensorRef, map_tree
 from torchkeep.unpickle import Allowlist
 
-__all__ = ["INDEX_SUFFIX", "HFFiles", "closed_on_failure", "hf_files", "hf_weights",
-           "read_hf_index", "rekeyed", "shard_names"]
+__all__ = ["INDEX_SUFFIX", "HFFiles", "closed_on_failure", "hf_files", "index_folder",
+           "read_hf_index", "rekeyed", "shard_names", "weights_name"]
 
 INDEX_SUFFIX = ".index.json"
 #: what ``save_pretrained`` writes, in the order transformers prefers them
@@ -43,16 +43,21 @@ _SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 _MAX_INDEX_BYTES = 64 << 20
 
 
-def hf_weights(fs: FileSystem, directory: str) -> str | None:
-    """The weights file of a Hugging Face model folder: its index (the safetensors one
-    first), else its single weights file, else None."""
-    names = set(fs.listdir(directory))
+def weights_name(names: list[str]) -> str | None:
+    """The weights file among a Hugging Face model folder's ``names``: its index (the
+    safetensors one first), else its single weights file, else None."""
+    present = set(names)
     for name in (*_INDEX_NAMES, *_SINGLE_NAMES):
-        if name in names:
-            return fs.join(directory, name)
-    others = sorted(n for n in names if n.endswith((".safetensors" + INDEX_SUFFIX,
-                                                     ".bin" + INDEX_SUFFIX)))
-    return fs.join(directory, others[0]) if len(others) == 1 else None
+        if name in present:
+            return name
+    others = sorted(n for n in present if n.endswith((".safetensors" + INDEX_SUFFIX,
+                                                       ".bin" + INDEX_SUFFIX)))
+    return others[0] if len(others) == 1 else None
+
+
+def index_folder(index_path: str) -> str:
+    """The folder an index's shard names are relative to."""
+    return posixpath.dirname(index_path) if "/" in index_path else "."
 
 
 def _index(fs: FileSystem, index_path: str) -> dict[str, str]:
@@ -98,32 +103,33 @@ def hf_files(f: Any) -> HFFiles | None:
     broken index raises CorruptCheckpointError."""
     import os
 
-    from torchkeep.formats.detect import directory_format
+    from torchkeep.formats.detect import listing_format
     from torchkeep.storage.filesystem import open_filesystem
 
     if not isinstance(f, (str, os.PathLike)):
         return None
     fs, path = open_filesystem(f)
     if str(os.fspath(f)).endswith(INDEX_SUFFIX):
-        weights: str | None = path
+        weights = path
     elif not fs.isdir(path):
         return None
     else:
-        kind = directory_format(fs, path)
+        names = fs.listdir(path)
+        kind = listing_format(names)
         if kind == "hf-training":
             from torchkeep.formats.hf_training import training_files
 
-            files = [file for part in training_files(fs, path).values() for file in part
-                     if not file.endswith(".json")]
+            files = [file for part in training_files(fs, path, names).values()
+                     for file in part if not file.endswith(".json")]
             return HFFiles(fs, "training", path, files)
-        weights = hf_weights(fs, path) if kind == "hf" else None
-    if weights is None:
-        return None
+        name = weights_name(names) if kind == "hf" else None
+        if name is None:
+            return None
+        weights = fs.join(path, name)
     if not weights.endswith(INDEX_SUFFIX):
         return HFFiles(fs, "single", weights, [weights])
-    folder = posixpath.dirname(weights) if "/" in weights else "."
-    return HFFiles(fs, "index", weights,
-                   [fs.join(folder, name) for name in shard_names(fs, weights)])
+    return HFFiles(fs, "index", weights, [fs.join(index_folder(weights), name)
+                                          for name in shard_names(fs, weights)])
 
 
 def _rekeyed(ref: StorageRef, prefix: str, seen: dict[int, StorageRef]) -> StorageRef:
@@ -183,7 +189,7 @@ def read_hf_index(fs: FileSystem, index_path: str, *, allowlist: Allowlist | Non
     """Parse a sharded Hugging Face checkpoint from its index (no tensor bytes read)."""
     from torchkeep.api import parse_source
 
-    folder = posixpath.dirname(index_path) if "/" in index_path else "."
+    folder = index_folder(index_path)
     weight_map = _index(fs, index_path)
     allowlist = allowlist or Allowlist()
     shards: dict[str, Parsed] = {}

@@ -34,10 +34,10 @@ from torchkeep.errors import CorruptCheckpointError
 from torchkeep.formats.hf_folder import (
     INDEX_SUFFIX,
     closed_on_failure,
-    hf_weights,
     read_hf_index,
     rekeyed,
     shard_names,
+    weights_name,
 )
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.limits import DEFAULT_LIMITS, Limits
@@ -75,13 +75,17 @@ def is_training_folder(names: Iterable[str]) -> bool:
     return any(n == _TRAINER_STATE or _ACCELERATE.match(n) for n in names)
 
 
-def training_files(fs: FileSystem, directory: str) -> dict[str, list[str]]:
-    """Part name -> the files that hold it (a sharded model: its index, then its shards)."""
-    names = fs.listdir(directory)
+def training_files(fs: FileSystem, directory: str,
+                   names: list[str] | None = None) -> dict[str, list[str]]:
+    """Part name -> the files that hold it (a sharded model: its index, then its shards);
+    ``names`` is the folder's listing when the caller has it."""
+    if names is None:
+        names = fs.listdir(directory)
     parts: dict[str, list[str]] = {}
     used: set[str] = set()
-    weights = hf_weights(fs, directory)
-    if weights is not None:
+    model = weights_name(names)
+    if model is not None:
+        weights = fs.join(directory, model)
         files = [weights]
         if weights.endswith(INDEX_SUFFIX):
             files += [fs.join(directory, shard) for shard in shard_names(fs, weights)]
@@ -102,8 +106,10 @@ def training_files(fs: FileSystem, directory: str) -> dict[str, list[str]]:
 
 def read_training_folder(fs: FileSystem, directory: str, *,
                          allowlist: Allowlist | None = None,
-                         limits: Limits = DEFAULT_LIMITS) -> Parsed:
-    """Parse a Trainer or Accelerate folder into one tree (no tensor bytes read)."""
+                         limits: Limits = DEFAULT_LIMITS,
+                         names: list[str] | None = None) -> Parsed:
+    """Parse a Trainer or Accelerate folder into one tree (no tensor bytes read);
+    ``names`` is its listing when the caller has it."""
     from torchkeep.api import parse_source
 
     allowlist = (allowlist or Allowlist()).extended(TRANSFORMERS_RECORDS)
@@ -112,7 +118,7 @@ def read_training_folder(fs: FileSystem, directory: str, *,
     sources: list[Source] = []
     parsed_parts: list[Parsed] = []
     with closed_on_failure(sources, directory):
-        for part, files in training_files(fs, directory).items():
+        for part, files in training_files(fs, directory, names).items():
             first = files[0]
             if part == "trainer_state":
                 try:
@@ -123,15 +129,12 @@ def read_training_folder(fs: FileSystem, directory: str, *,
                 continue
             if first.endswith(INDEX_SUFFIX):
                 parsed = read_hf_index(fs, first, allowlist=allowlist, limits=limits)
+                sources.append(parsed.source)
             else:
-                source = fs.source(first)
-                try:
-                    parsed = parse_source(source, allowlist=allowlist, limits=limits)
-                except BaseException:
-                    source.close()
-                    raise
+                sources.append(fs.source(first))
+                parsed = parse_source(sources[-1], allowlist=allowlist, limits=limits)
             parsed_parts.append(parsed)
-            sources += [parsed.source, *parsed.extra_sources]
+            sources += parsed.extra_sources
             tree[part], part_records = rekeyed(parsed, f"{part}:", limits)
             records.update(part_records)
         if "model" not in tree and not any(k.startswith("model_") for k in tree):
