@@ -75,7 +75,7 @@ def verify(f: Any, *, limits: Limits = DEFAULT_LIMITS,
     structure (safetensors bounds, pickle, storage sizes). Never raises for corruption:
     the result names the first bad record or tensor."""
     tick = progress or (lambda n: None)
-    hf = _hf_verification(f, limits, progress)
+    hf = _hf_verification(f, limits, tick)
     if hf is not None:
         return hf
     directory = step_directory(f)
@@ -111,7 +111,7 @@ def _verify_file(f: Any, limits: Limits, tick: Callable[[int], None],
 
 
 def _hf_verification(f: Any, limits: Limits,
-                     progress: Callable[[int], None] | None) -> Verification | None:
+                     tick: Callable[[int], None]) -> Verification | None:
     """A Hugging Face folder or index, a Trainer or Accelerate folder: every file verified
     as the file it is, then the whole read as one checkpoint (an index checked against its
     shards: every name in its shard, none in two)."""
@@ -126,7 +126,7 @@ def _hf_verification(f: Any, limits: Limits,
         return None
     fs = found.fs
     if found.kind == "single":
-        return verify(fs.describe(found.root), limits=limits, progress=progress)
+        return verify(fs.describe(found.root), limits=limits, progress=tick)
     training = found.kind == "training"
     result = Verification(fs.describe(found.root), "hf-training" if training else "hf-index")
     allow = TRANSFORMERS_RECORDS if training else ()
@@ -136,7 +136,7 @@ def _hf_verification(f: Any, limits: Limits,
         if not fs.exists(path):
             result.problem = f"{name} named by the index is missing"
             return result
-        part = _verify_file(fs.describe(path), limits, progress or (lambda n: None), allow)
+        part = _verify_file(fs.describe(path), limits, tick, allow)
         result.checked += part.checked
         result.checked_bytes += part.checked_bytes
         result.unchecked += part.unchecked

@@ -27,7 +27,8 @@ from lightning.pytorch.callbacks import Callback
 from torchkeep.api import SaveOptions, load, save
 from torchkeep.errors import AsyncSaveError
 from torchkeep.limits import DEFAULT_LIMITS, Limits
-from torchkeep.storage.atomic import TMP_MARKER, fsync_dir
+from torchkeep.storage.atomic import TMP_MARKER
+from torchkeep.storage.filesystem import open_filesystem
 from torchkeep.storage.remote import is_url
 from torchkeep.unpickle import AllowSpec
 
@@ -149,20 +150,12 @@ class TorchkeepCheckpointIO(CheckpointIO):
              storage_options=storage_options)
 
     def _remove(self, path: Any) -> None:
-        target = os.fspath(path)
-        if is_url(target):
-            from torchkeep.storage.filesystem import open_filesystem
-
-            fs, where = open_filesystem(target)
-            if fs.exists(where):
-                fs.remove(where)
-            return
-        try:
-            os.remove(target)
-        except FileNotFoundError:
-            return
+        fs, target = open_filesystem(os.fspath(path))  # local, or any fsspec URL
+        if not fs.exists(target):
+            return  # removing what is gone is not an error
+        fs.remove(target)
         if self.durable:
-            fsync_dir(os.path.dirname(os.path.abspath(target)))
+            fs.fsync_dir(os.path.dirname(target) or ".")
 
     def _submit(self, fn: Any, *args: Any) -> None:
         if self._executor is None:
