@@ -17,7 +17,8 @@
     ├── MissingDependencyError(ImportError)  an optional package (torch, fsspec) is needed
     ├── AsyncSaveError(RuntimeError)         a background save failed; the cause is chained
     ├── DeviceError(RuntimeError)            tensors saved on a device this machine lacks
-    └── DistributedError(RuntimeError)       a collective failed on one or more ranks
+    ├── DistributedError(RuntimeError)       a collective failed on one or more ranks
+    └── ScriptFailedError(RuntimeError)      a script check-resume ran failed (exit 3)
 
 Each class also subclasses the nearest builtin, so ``except ValueError`` keeps working
 for callers that do not know torchkeep. Foreign exceptions (struct, zipfile, zlib,
@@ -39,6 +40,7 @@ __all__ = [
     "IntegrityError",
     "LimitExceededError",
     "MissingDependencyError",
+    "ScriptFailedError",
     "StorageError",
     "TorchkeepError",
     "UnsafeCheckpointError",
@@ -162,3 +164,14 @@ class AsyncSaveError(TorchkeepError, RuntimeError):
 
 class DistributedError(TorchkeepError, RuntimeError):
     """A distributed operation failed on one or more ranks."""
+
+
+class ScriptFailedError(TorchkeepError, RuntimeError):
+    """A training script ``torchkeep check-resume`` ran failed, hung or committed nothing;
+    ``output`` holds the tail of its output."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, output: str = "", source: object = None) -> None:
+        super().__init__(message, source=source)
+        self.output = output

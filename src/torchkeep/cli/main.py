@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from torchkeep.cli.check_resume import check_resume_command
 from torchkeep.cli.files import (
     convert_command,
     diff_command,
@@ -59,6 +60,7 @@ def demo(files: bool, distributed: bool, seed: int | None) -> None:
 for _command in (inspect_command, diff_command, convert_command, scan_command, verify_command,
                  ls_command, prune_command):
     cli.add_command(with_storage_options(_command))
+cli.add_command(check_resume_command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         return e.exit_code
     except TorchkeepError as e:
+        output = getattr(e, "output", "")
+        if output:  # a script check-resume ran failed: its last lines first
+            click.echo(output, err=True)
         click.echo(f"torchkeep: error: {e}", err=True)
         return e.exit_code
     except SystemExit as e:

@@ -121,4 +121,7 @@ def run_resume_demo(echo: Callable[[str], None] = print, *, seed: int | None = N
     echo(f"final parameters sha256: uninterrupted {reference['digest'][:16]}..., "
          f"resumed {resumed['digest'][:16]}...  identical: {weights_equal}")
     echo(f"demo took {time.perf_counter() - started:.1f} s")
+    echo("\nthe same check for your own training script (it uses CheckpointManager as "
+         "usual; no change needed):\n  torchkeep check-resume --kill-at random -- "
+         "python train.py ...   (docs/check-resume.md)")
     return losses_equal and weights_equal

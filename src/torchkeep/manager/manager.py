@@ -28,6 +28,7 @@ from torchkeep.formats.manifest import (
     read_step_dir,
     write_step,
 )
+from torchkeep.manager.check_hooks import CheckHooks
 from torchkeep.manager.layout import temporary_name
 from torchkeep.manager.policy_spec import RetentionSpec
 from torchkeep.manager.retention import Mode, Policy, RetentionPlan
@@ -141,6 +142,10 @@ class CheckpointManager:
         if overrides:
             base = dataclasses.replace(base, **overrides)
         self.options = base
+        #: set while ``torchkeep check-resume`` drives the script (docs/check-resume.md)
+        self._resume_check = CheckHooks.from_env(directory)
+        if self._resume_check is not None:
+            directory, storage_options = self._resume_check.directory, None
         self.run = RunDirectory(directory, storage_options=storage_options)
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | Any = None  # a Future, or a sharded PendingSave
@@ -160,6 +165,8 @@ class CheckpointManager:
             warnings.warn(f"{self.run.name}: removed leftovers of interrupted saves: "
                           + ", ".join(self.cleaned), stacklevel=2)
         self.run.refresh()
+        if self._resume_check is not None:
+            self._resume_check.opened(1 if self.collective is None else self.collective.world)
 
     @property
     def fs(self) -> FileSystem:
@@ -224,6 +231,13 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.wait()
         metrics = _plain_metrics(metrics)
+        if self._resume_check is not None:
+            self._resume_check.saving(step, state, self.options.async_save)
+        self._save(step, state, metrics)
+        if self._resume_check is not None:
+            self._resume_check.after_save(step, self.wait)
+
+    def _save(self, step: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
         if self.collective is not None:
             self._save_sharded(step, state, metrics)
             return
@@ -264,7 +278,9 @@ class CheckpointManager:
         collective = self.collective
         assert collective is not None
         self.run.record(step, metrics)
-        if collective.rank == 0 and self.options.policy() is not None:
+        if self._resume_check is not None:
+            self._resume_check.committed(step)
+        if collective.rank == 0 and self._retains():
             self.run.delete(self.retention().delete, durable=self.options.durable)
         collective.barrier()
 
@@ -292,6 +308,8 @@ class CheckpointManager:
                        "torchkeep_version": torchkeep.__version__,
                        "retention": dataclasses.asdict(self.options.retention_spec())},
             )
+            if self._resume_check is not None:
+                self._resume_check.before_commit(step)
             if tmp != final:
                 fs.rename(tmp, final)
         except BaseException:
@@ -302,8 +320,14 @@ class CheckpointManager:
         if durable:
             fs.fsync_dir(self.root)
         self.run.record(step, metrics)
-        if self.options.policy() is not None:  # no policy deletes nothing: skip the listing
+        if self._resume_check is not None:
+            self._resume_check.committed(step)
+        if self._retains():  # no policy deletes nothing: skip the listing
             self.run.delete(self.retention().delete, durable=durable, background=True)
+
+    def _retains(self) -> bool:
+        """Whether retention deletes anything (never while check-resume compares steps)."""
+        return self.options.policy() is not None and self._resume_check is None
 
     def wait(self) -> None:
         """Block until the background save (if any) is committed; raise its failure."""
@@ -378,6 +402,7 @@ class CheckpointManager:
                     if candidate != target:
                         warnings.warn(f"restored step {candidate} instead of step {target}",
                                       stacklevel=2)
+                    self._restored(candidate)
                     return candidate
                 saved = self.load(candidate, map_location=map_location)
             except TorchkeepError as e:
@@ -390,6 +415,7 @@ class CheckpointManager:
                 warnings.warn(f"restored step {candidate} instead of step {target}",
                               stacklevel=2)
             _apply(state, saved, candidate)
+            self._restored(candidate)
             return candidate
         assert first_error is not None
         raise first_error
@@ -409,6 +435,10 @@ class CheckpointManager:
         restore_sharded(path, state, step=step, manifest=manifest, collective=self.collective,
                         verify=self.options.verify)
         return True
+
+    def _restored(self, step: int) -> None:
+        if self._resume_check is not None:
+            self._resume_check.restored(step)
 
     # -- lifetime ---------------------------------------------------------------------------
 
