@@ -240,3 +240,20 @@ def test_compare_is_bit_for_bit() -> None:
                         metrics_a={"loss": 1.0}, metrics_b={"loss": 1.5})
     assert diff.differences[0].max_abs_diff == 0.5
     assert diff.metric_differences == ["loss"] and not diff.identical
+
+
+@pytest.mark.parametrize("variant", ["good", "no-rng"])
+def test_under_torchrun_all_ranks_are_killed_and_resumed(tmp_path, variant: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", os.path.join(HERE, "resume_dist_script.py"), variant]
+    report = check_command(command, kill_at=5, env=ENV, timeout=300, keep=str(tmp_path))
+    events = [json.loads(line) for line in (tmp_path / "B1.events.jsonl").read_text().splitlines()]
+    assert {e["rank"] for e in events if e["event"] == "paused"} == {0, 1}
+    assert {e["world_size"] for e in events if e["event"] == "opened"} == {2}
+    assert report.resumed_from == 5 and report.compared == 12
+    if variant == "good":
+        assert report.identical, report.explain()
+    else:
+        assert report.verdict == "diverged" and report.causes[0].code == "rng-missing"
+    ranks = {int(e["pid"]) for e in events}
+    assert not [pid for pid in ranks if _alive(pid)]
