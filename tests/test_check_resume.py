@@ -126,6 +126,14 @@ def test_nondeterministic_script_is_not_judged_with_twice() -> None:
     assert "resume cannot be judged" in report.result_line()
 
 
+def test_the_demo_points_at_check_resume() -> None:
+    done = subprocess.run([sys.executable, "-m", "torchkeep", "demo", "--seed", "1"],
+                          capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "identical: True" in done.stdout
+    assert "torchkeep check-resume --kill-at random -- python train.py" in done.stdout
+
+
 # -- failures, usage and processes --------------------------------------------------------
 
 
@@ -206,10 +214,12 @@ def test_manager_hooks_redirect_keep_every_step_and_stop(tmp_path, monkeypatch) 
     assert not asked.exists()
     state = {"w": None, "rng": torchkeep.RNGState()}
     assert mgr.restore(state, step=1) == 1
+    assert torch.equal(mgr.load(0)["w"], torch.zeros(3))  # a load is reported too
     mgr.close()
     events = [json.loads(line) for line in report.read_text().splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds == ["opened", "committed", "committed", "committed", "stopping", "restored"]
+    assert kinds == ["opened", "committed", "committed", "committed", "stopping", "restored",
+                     "restored"]
     first = events[1]
     assert first["state"]["rng"]["kind"] == "rng" and first["state"]["w"]["kind"] == "value"
     assert set(first["rng"]) >= {"python", "numpy", "torch"}

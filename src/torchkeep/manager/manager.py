@@ -364,6 +364,7 @@ class CheckpointManager:
             parsed.close()
         if not isinstance(tree, dict):
             raise IntegrityError(f"step {step} does not hold a state dict")
+        self._restored(step)  # restore() loads through here too
         return tree
 
     def restore(self, state: dict[str, Any], *, step: int | None = None,
@@ -415,7 +416,6 @@ class CheckpointManager:
                 warnings.warn(f"restored step {candidate} instead of step {target}",
                               stacklevel=2)
             _apply(state, saved, candidate)
-            self._restored(candidate)
             return candidate
         assert first_error is not None
         raise first_error
