@@ -160,6 +160,13 @@ def test_usage_errors_exit_2() -> None:
     assert cli().returncode == 2  # no command
 
 
+def test_keep_must_be_a_new_or_empty_folder(tmp_path) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "A").mkdir()
+    with pytest.raises(ValueError, match="not empty"):
+        check_command(["true"], keep=str(tmp_path / "old"))
+
+
 HANGS = textwrap.dedent("""
     import subprocess, sys, time, torch, torchkeep
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])

@@ -60,6 +60,9 @@ def check_command(
         raise ValueError("steps must be at least 1")
     if kill_at != "random" and (not isinstance(kill_at, int) or kill_at < 0):
         raise ValueError(f"kill_at must be a step number or 'random', got {kill_at!r}")
+    if keep and os.path.isdir(keep) and os.listdir(keep):
+        raise ValueError(f"--keep {keep}: the folder is not empty (its steps would be "
+                         "resumed from); give a new or empty folder")
     say = progress or (lambda line: None)
     stop_after = None if steps is None else steps - 1
     base_env = dict(os.environ, **(env or {}))
