@@ -24,6 +24,8 @@ from resume_script import train
 from torchkeep.manager import check_hooks
 from torchkeep.testing import check_command, check_resume
 from torchkeep.testing.compare import compare_step
+from torchkeep.testing.diagnose import diagnose
+from torchkeep.testing.runner import Run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = [sys.executable, os.path.join(HERE, "resume_script.py"), "runs/checked"]
@@ -274,3 +276,34 @@ def test_under_torchrun_all_ranks_are_killed_and_resumed(tmp_path, variant: str)
         assert report.verdict == "diverged" and report.causes[0].code == "rng-missing"
     ranks = {int(e["pid"]) for e in events}
     assert not [pid for pid in ranks if _alive(pid)]
+
+
+def _run_with(step: int, *, rng: str, state: dict[str, str], scan: dict[str, object]) -> Run:
+    run = Run("r", "root", "stem")
+    run.events.append({"event": "committed", "step": step, "rank": 0,
+                       "rng": {"torch": rng, "python": "p"},
+                       "state": {k: {"kind": v} for k, v in state.items()}, **scan})
+    return run
+
+
+@pytest.mark.parametrize(("scan", "state", "rng_b", "code"), [
+    ({"loaders": [], "outside_state": [{"kind": "optimizer", "class": "torch.optim.adamw.AdamW"}]},
+     {"model": "module", "rng": "rng"}, "t", "optimizer-missing"),
+    ({"loaders": [{"num_workers": 2, "sampler": "ResumableSampler", "shuffles": True,
+                   "sampler_in_state": True, "loader_in_state": False,
+                   "consumed_recorded": True}]},
+     {"model": "module", "rng": "rng", "sampler": "sampler"}, "t", "worker-seeds"),
+    ({"loaders": [{"num_workers": 2, "sampler": "ResumableSampler", "shuffles": True,
+                   "sampler_in_state": True, "loader_in_state": False,
+                   "consumed_recorded": False}]},
+     {"model": "module", "rng": "rng", "sampler": "sampler"}, "t", "data-loader"),
+    ({"loaders": []}, {"model": "module", "rng": "rng"}, "other", "rng-drawn"),
+    ({"loaders": []}, {"model": "module", "rng": "rng"}, "t", "outside-state"),
+])
+def test_diagnosis_rules_on_recorded_facts(scan, state, rng_b, code) -> None:
+    first = compare_step(4, {"model": {"w": np.zeros(2)}}, {"model": {"w": np.ones(2)}},
+                         metrics_a={}, metrics_b={})
+    a = _run_with(4, rng="t", state=state, scan=scan)
+    b = _run_with(4, rng=rng_b, state=state, scan=scan)
+    causes = diagnose(first, a=a, b=b, twice=True)
+    assert causes[0].code == code, causes
