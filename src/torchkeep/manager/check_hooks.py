@@ -27,7 +27,6 @@ import gc
 import hashlib
 import json
 import os
-import random
 import re
 import sys
 import threading
@@ -168,23 +167,24 @@ class CheckHooks:
 
 
 def rng_digests() -> dict[str, str]:
-    """Short digests of every global random generator, to tell whether two runs' streams
-    agree at a step (whatever the script saved)."""
-    def digest(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()[:16]
+    """Short digests of every global random generator (the ones RNGState captures), to
+    tell whether two runs' streams agree at a step, whatever the script saved."""
+    from torchkeep.manager.rng import RNGState
 
-    out = {"python": digest(repr(random.getstate()).encode())}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        out["numpy"] = digest(keys.tobytes() + repr((kind, pos, has_gauss, cached)).encode())
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        out["torch"] = digest(torch.get_rng_state().numpy().tobytes())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            out["cuda"] = digest(b"".join(s.numpy().tobytes()
-                                          for s in torch.cuda.get_rng_state_all()))
-    return out
+    return {name: hashlib.sha256(_state_bytes(value)).hexdigest()[:16]
+            for name, value in RNGState().state_dict().items()}
+
+
+def _state_bytes(value: Any) -> bytes:
+    """The bytes of a generator state as RNGState returns it (tensors, arrays, tuples)."""
+    if isinstance(value, (list, tuple)):
+        return b"".join(_state_bytes(v) + b"|" for v in value)
+    tobytes = getattr(value, "tobytes", None)  # numpy keys
+    if callable(tobytes):
+        return bytes(tobytes())
+    if callable(getattr(value, "numpy", None)):  # torch byte tensors
+        return bytes(value.numpy().tobytes())
+    return repr(value).encode()
 
 
 def kind_of(value: Any) -> dict[str, Any]:

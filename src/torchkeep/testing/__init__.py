@@ -56,8 +56,9 @@ def check_resume(
             f.write(payload)
         paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
         child_env = dict(env or {})
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        # sys.path already holds this process's PYTHONPATH; a PYTHONPATH in ``env`` is kept
+        given = [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        child_env["PYTHONPATH"] = os.pathsep.join(paths + given)
         return check_command([sys.executable, "-m", "torchkeep.testing.child", path],
                              steps=steps, kill_at=kill_at, during_save=during_save,
                              twice=twice, seed=seed, timeout=timeout, keep=keep,

@@ -157,16 +157,16 @@ def _compare_runs(root_a: str, root_b: str, *, stop_at_first: bool = False,
         run_a = RunDirectory(os.path.join(root_a, key), create=False)
         path_b = os.path.join(root_b, key)
         run_b = RunDirectory(path_b, create=False) if os.path.isdir(path_b) else None
-        steps_a = run_a.steps()
-        steps_b = run_b.steps() if run_b is not None else []
-        only_a += [s for s in steps_a if s not in steps_b]
-        only_b += [s for s in steps_b if s not in steps_a]
-        for step in sorted(set(steps_a) & set(steps_b)):
+        # one listing per run directory: every committed step with its metrics
+        metrics_a = run_a.refresh()
+        metrics_b = run_b.refresh() if run_b is not None else {}
+        only_a += [s for s in metrics_a if s not in metrics_b]
+        only_b += [s for s in metrics_b if s not in metrics_a]
+        for step in sorted(metrics_a.keys() & metrics_b.keys()):
             assert run_b is not None
             comparison = compare_step(step, _loaded(run_a.step_path(step)),
                                       _loaded(run_b.step_path(step)),
-                                      metrics_a=run_a.metrics(step),
-                                      metrics_b=run_b.metrics(step))
+                                      metrics_a=metrics_a[step], metrics_b=metrics_b[step])
             comparisons.append((key, comparison))
             if stop_at_first and not comparison.identical:
                 return comparisons, only_a, only_b
