@@ -58,6 +58,10 @@ def ls_command(run_dir: str, keep_last: int | None, keep_best: int | None, metri
                mode: str, keep_every_steps: int | None, as_json: bool) -> None:
     """List a run directory's committed steps: metrics, sizes, and why each is kept.
 
+    "own" is the bytes of a step's own files, "shared" the bytes of its chunks that lie in
+    files earlier steps wrote (incremental runs); deleting a step frees its own bytes
+    once no kept step shares them.
+
     The retention policy is the one given by the flags, else the one the newest step
     recorded when the CheckpointManager saved it.
     """
@@ -66,6 +70,7 @@ def ls_command(run_dir: str, keep_last: int | None, keep_best: int | None, metri
 
     run = RunDirectory(run_dir, create=False)
     steps, leftovers = run.scan()  # one listing and one manifest read per step serve it all
+    leftovers += [f"chunks/{n}" for n in run.unreferenced_chunks(newer=True) or ()]
     spec, origin = _spec(run, steps, keep_last, keep_best, metric, mode, keep_every_steps)
     summaries = [run.summary(step) for step in steps]
     plan = plan_retention([StepInfo(s.step, s.metrics) for s in summaries], spec.policy(),
@@ -75,7 +80,8 @@ def ls_command(run_dir: str, keep_last: int | None, keep_best: int | None, metri
             "run_dir": run.name,
             "retention": {"policy": spec.describe(), "source": origin},
             "steps": [{"step": s.step, "path": s.path, "metrics": s.metrics, "bytes": s.nbytes,
-                       "created": s.created, "tensors": s.tensors,
+                       "shared_bytes": s.shared_bytes, "created": s.created,
+                       "tensors": s.tensors,
                        "kept": s.step in plan.keep, "reason": plan.keep.get(s.step)}
                       for s in summaries],
             "leftovers": leftovers,
@@ -84,14 +90,14 @@ def ls_command(run_dir: str, keep_last: int | None, keep_best: int | None, metri
     click.echo(f"{run.name}: {len(summaries)} committed steps; retention: {spec.describe()}"
                + (f" ({origin})" if origin != "none" else ""))
     metric_names = sorted({k for s in summaries for k in s.metrics})
-    header = f"{'step':>8}  {'created':<25} {'size':>10}  " + "".join(
+    header = f"{'step':>8}  {'created':<25} {'own':>10} {'shared':>10}  " + "".join(
         f"{m:>12}  " for m in metric_names) + "status"
     click.echo(header)
     for s in summaries:
         metrics = "".join(f"{_fmt(s.metrics.get(m)):>12}  " for m in metric_names)
         status = f"kept: {plan.keep[s.step]}" if s.step in plan.keep else "would be pruned"
-        click.echo(f"{s.step:>8}  {s.created or '':<25} {human_bytes(s.nbytes):>10}  "
-                   f"{metrics}{status}")
+        click.echo(f"{s.step:>8}  {s.created or '':<25} {human_bytes(s.nbytes):>10} "
+                   f"{human_bytes(s.shared_bytes):>10}  {metrics}{status}")
     if leftovers:
         click.echo(f"leftovers of interrupted saves (removed when a manager opens the run): "
                    f"{', '.join(leftovers)}")
@@ -126,18 +132,31 @@ def prune_command(run_dir: str, keep_last: int | None, keep_best: int | None,
             "no retention policy: pass --keep-last, --keep-best/--metric or "
             "--keep-every-steps (this run recorded none)")
     plan = run.plan(spec.policy(), best_metric=spec.best_metric, best_mode=spec.best_mode)
+    summaries = {s: run.summary(s) for s in [*plan.keep, *plan.delete]}
+    frees = run.reclaimable(plan.delete)
     deleted = [] if dry_run else run.delete(plan.delete)
     if as_json:
         echo_json({"run_dir": run.name, "policy": spec.describe(), "source": origin,
                    "dry_run": dry_run, "would_delete" if dry_run else "deleted":
                        plan.delete if dry_run else deleted,
-                   "kept": {str(k): v for k, v in plan.keep.items()}})
+                   "kept": {str(k): v for k, v in plan.keep.items()},
+                   "freed_bytes" if not dry_run else "would_free_bytes": frees,
+                   "steps": {str(k): {"bytes": v.nbytes, "shared_bytes": v.shared_bytes}
+                             for k, v in summaries.items()}})
         return
     verb = "would delete" if dry_run else "deleted"
     targets = plan.delete if dry_run else deleted
     click.echo(f"{run.name}: policy {spec.describe()} ({origin})")
+
+    def sizes(step: int) -> str:
+        summary = summaries[step]
+        shared = f", {human_bytes(summary.shared_bytes)} shared" if summary.shared_bytes else ""
+        return f"{human_bytes(summary.nbytes)} own{shared}"
+
     for step in sorted(plan.keep):
-        click.echo(f"  keep    {step:>8}  {plan.keep[step]}")
+        click.echo(f"  keep    {step:>8}  {sizes(step):<28}  {plan.keep[step]}")
     for step in targets:
-        click.echo(f"  {verb.rsplit(maxsplit=1)[-1]:<7} {step:>8}")
-    click.echo(f"{verb} {len(targets)} of {len(plan.keep) + len(plan.delete)} steps")
+        click.echo(f"  {verb.rsplit(maxsplit=1)[-1]:<7} {step:>8}  {sizes(step)}")
+    click.echo(f"{verb} {len(targets)} of {len(plan.keep) + len(plan.delete)} steps"
+               + (f", {'freed' if not dry_run else 'would free'} {human_bytes(frees)}"
+                  if targets else ""))

@@ -15,7 +15,7 @@ from torchkeep.limits import Limits
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["assemble", "tiling_problem"]
+__all__ = ["assemble", "byte_range", "ranges_problem", "tiling_problem"]
 
 Box = tuple[Sequence[int], Sequence[int]]  # (offsets, sizes), both inside the tensor
 
@@ -61,3 +61,36 @@ def assemble(shape: Sequence[int], itemsize: int,
             out[tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))] = \
                 values.view(kind) if values.dtype != kind else values
     return out.tobytes()
+
+
+def byte_range(shape: Sequence[int], offsets: Sequence[int], sizes: Sequence[int],
+               itemsize: int) -> tuple[int, int] | None:
+    """``(start, nbytes)`` of a box in the C-contiguous bytes of the tensor when the box is
+    one contiguous run of them (whole trailing dimensions, one index in the leading ones),
+    else None."""
+    inner = len(shape)
+    while inner > 0 and sizes[inner - 1] == shape[inner - 1]:
+        inner -= 1
+    # dims after ``inner - 1`` are whole; dim ``inner - 1`` is a range; the ones before are 1
+    if any(n != 1 for n in sizes[: max(inner - 1, 0)]):
+        return None
+    start = 0
+    for o, s in zip(offsets, shape, strict=True):
+        start = start * s + o
+    return start * itemsize, math.prod(sizes) * itemsize
+
+
+def ranges_problem(nbytes: int, ranges: Iterable[tuple[int, int]]) -> str | None:
+    """None when the ``(start, nbytes)`` ranges tile ``nbytes`` bytes exactly, else what is
+    wrong (the cheap check for chunks that are contiguous runs, as incremental steps
+    write them)."""
+    at = 0
+    for start, n in sorted(r for r in ranges if r[1]):
+        if start < at:
+            return "two of its chunks overlap"
+        if start > at:
+            return "its chunks do not cover it (elements missing)"
+        at = start + n
+    if at != nbytes:
+        return "its chunks do not cover it (elements missing)"
+    return None

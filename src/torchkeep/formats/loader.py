@@ -159,6 +159,8 @@ class StorageLoader:
         raw = record.decode()
         if len(raw) != record.nbytes:
             raise CorruptCheckpointError(f"record {record.name!r} decoded to the wrong size")
+        if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.flags.writeable:
+            return raw  # a fresh buffer of its own (chunks read into place): no second copy
         return np.frombuffer(bytearray(raw), dtype=np.uint8)
 
 

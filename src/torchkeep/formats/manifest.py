@@ -12,6 +12,11 @@ A tensor entry holds its dtype, global shape and a list of chunks, each with its
 in the global tensor, its shape, file, byte range and xxh3-64 checksum. A tensor saved
 whole has one chunk; a sharded save writes several (one per writer), each writer into its
 own data file of the same directory.
+
+An incremental step (CheckpointManager(incremental=True), docs/manager.md) keeps no data
+of its own: its chunks name data files of the run's shared ``chunks/`` folder as
+``../chunks/step-000000000120-<token>-00000.bin``, the file the step that first wrote
+those bytes created. Nothing else outside the step folder can be named.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import functools
 import itertools
 import json
 import math
+import re
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +43,7 @@ from torchkeep.errors import (
     shown,
 )
 from torchkeep.formats.chunks import assemble as assemble_chunks
-from torchkeep.formats.chunks import tiling_problem
+from torchkeep.formats.chunks import byte_range, ranges_problem, tiling_problem
 from torchkeep.formats.parsed import Parsed, Record
 from torchkeep.formats.pickler import Describe
 from torchkeep.formats.treejson import TreeDecoder, TreeEncoder, contiguous_strides
@@ -50,7 +57,10 @@ __all__ = [
     "FORMAT_NAME",
     "MANIFEST_NAME",
     "MARKER_NAME",
+    "POOL_NAME",
     "TensorPayload",
+    "chunk_file_path",
+    "commit_manifest",
     "plan_tensors",
     "read_manifest",
     "read_step_dir",
@@ -65,11 +75,42 @@ SHARDED_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MARKER_NAME = "COMMITTED"
 ALIGNMENT = 64
+#: the run folder's shared data files of incremental steps (beside the step folders)
+POOL_NAME = "chunks"
+POOL_PREFIX = f"../{POOL_NAME}/"
+_POOL_FILE = re.compile(r"^step-(\d{12,})-[0-9a-f]{8}-(\d{5})\.bin$")
 
 
 def data_file_name(writer: int) -> str:
     """The data file of writer (rank) ``writer``."""
     return f"data-{writer:05d}.bin"
+
+
+def pool_file_name(step: int, writer: int = 0) -> str:
+    """A new data file of the shared folder for ``step`` (a random token: a save retried
+    at the same step never meets the leftover of the failed one)."""
+    return f"step-{step:012d}-{secrets.token_hex(4)}-{writer:05d}.bin"
+
+
+def pool_file_step(name: str) -> int | None:
+    """The step that wrote shared data file ``name``, or None when it is not one."""
+    match = _POOL_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def chunk_file_path(fs: FileSystem, directory: str, file_name: str) -> str | None:
+    """Where a chunk's ``file`` lies for the step in ``directory``: a data file of the step
+    folder, or (incremental steps) one of the run's shared folder; None for any other
+    name (no other path may be reached from a manifest)."""
+    if file_name.startswith(POOL_PREFIX):
+        base = file_name[len(POOL_PREFIX):]
+        if pool_file_step(base) is None:
+            return None
+        return fs.join(fs.parent(directory), POOL_NAME, base)
+    if ("/" in file_name or "\\" in file_name or file_name.startswith(".")
+            or not file_name):
+        return None
+    return fs.join(directory, file_name)
 
 
 def checksum(data: Any) -> str:
@@ -189,6 +230,23 @@ def write_step(
         entries.update(_write_data(write, payloads, storage_bytes, file_name, progress))
 
     fs.write_file(fs.join(directory, file_name), produce, fsync=fsync)
+    return commit_manifest(fs, directory, step=step, skeleton=skeleton, entries=entries,
+                           metrics=metrics, extra=extra, fsync=fsync)
+
+
+def commit_manifest(
+    fs: FileSystem,
+    directory: str,
+    *,
+    step: int,
+    skeleton: Any,
+    entries: dict[str, dict[str, Any]],
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    fsync: bool = True,
+) -> dict[str, Any]:
+    """Write the manifest of a step whose data is written, then its commit marker, into
+    ``directory`` (which exists); returns the manifest."""
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -294,11 +352,11 @@ def read_step_dir(
                 o < 0 or n < 0 or o + n > s
                 for o, n, s in zip(offsets, extent, shape, strict=True)):
             raise fail(f"tensor {tensor_name!r}: chunk {index} lies outside the tensor")
-        if (size != math.prod(extent) * itemsize or offset < 0 or "/" in file_name
-                or "\\" in file_name or file_name.startswith(".") or not file_name):
+        path = chunk_file_path(fs, directory, file_name)
+        if size != math.prod(extent) * itemsize or offset < 0 or path is None:
             raise fail(f"tensor {tensor_name!r}: chunk {index} does not match the tensor")
         if file_name not in sources:
-            sources[file_name] = fs.source(fs.join(directory, file_name))
+            sources[file_name] = fs.source(path)
         source = sources[file_name]
         if offset + size > source.size:
             raise CorruptCheckpointError(
@@ -335,6 +393,25 @@ def read_step_dir(
 
         return assemble_chunks(shape, itemsize, pieces())
 
+    def read_runs(tensor_name: str, nbytes: int, runs: list[tuple[int, int]],
+                  parts: tuple[Record, ...]) -> Any:
+        """The whole tensor from chunks that are contiguous runs of its bytes: each read
+        straight into its place (one copy, as for a tensor in one chunk), then checked."""
+        import numpy as np
+
+        out = np.empty(nbytes, dtype=np.uint8)
+        for (start, size), part in zip(runs, parts, strict=True):
+            assert part.source is not None and part.offset is not None
+            if not size:
+                continue
+            view = out[start : start + size]
+            part.source.readinto(part.offset, view.data)
+            if verify and checksum(view) != part.xxh3:
+                raise IntegrityError(
+                    f"tensor {tensor_name!r} of step {step}: {part.name} does not match "
+                    "its checksum", source=name)
+        return out
+
     for tensor_name, entry in entries.items():
         try:
             dtype = dtypes.by_name(entry["dtype"])
@@ -361,6 +438,13 @@ def read_step_dir(
             whole = parts[0]
             records[tensor_name] = Record(nbytes, offset=whole.offset, name=tensor_name,
                                           source=whole.source, xxh3=whole.xxh3)
+        elif (runs := _byte_runs(shape, dtype.itemsize, chunks)) is not None:
+            problem = ranges_problem(nbytes, runs)
+            if problem:
+                raise fail(f"tensor {tensor_name!r}: {problem}")
+            records[tensor_name] = Record(
+                nbytes, name=tensor_name, parts=parts,
+                decode=functools.partial(read_runs, tensor_name, nbytes, runs, parts))
         else:
             check_coverage(tensor_name, shape, chunks)
             records[tensor_name] = Record(
@@ -397,6 +481,19 @@ def read_step_dir(
     parsed.extra_sources = list(sources.values())
     return parsed
 
+
+
+def _byte_runs(shape: tuple[int, ...], itemsize: int,
+               chunks: list[Any]) -> list[tuple[int, int]] | None:
+    """Each chunk's ``(start, nbytes)`` in the tensor's bytes when every chunk is one
+    contiguous run of them (incremental steps cut tensors so), else None."""
+    runs = []
+    for chunk in chunks:
+        found = byte_range(shape, chunk["offsets"], chunk["shape"], itemsize)
+        if found is None:
+            return None
+        runs.append(found)
+    return runs
 
 
 def sharded_tree(manifest: dict[str, Any], decoder: TreeDecoder, refs: dict[str, TensorRef],

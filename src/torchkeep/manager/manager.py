@@ -23,12 +23,19 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.formats.manifest import (
+    POOL_NAME,
+    POOL_PREFIX,
     TensorPayload,
+    chunk_file_path,
+    commit_manifest,
     plan_tensors,
+    pool_file_name,
+    read_manifest,
     read_step_dir,
     write_step,
 )
 from torchkeep.manager.check_hooks import CheckHooks
+from torchkeep.manager.incremental import CHUNK_BYTES, Base, Delta, diff, write_chunks
 from torchkeep.manager.layout import temporary_name
 from torchkeep.manager.policy_spec import RetentionSpec
 from torchkeep.manager.retention import Mode, Policy, RetentionPlan
@@ -76,10 +83,26 @@ class ManagerOptions:
     verify: bool = True
     #: fsync data, manifest, marker and folders (a power loss cannot lose a commit)
     durable: bool = True
+    #: write only the chunks that changed since the newest committed step
+    #: (docs/manager.md, "Incremental steps")
+    incremental: bool = False
+    #: with ``incremental``: every N-th step is written whole (None: only when asked)
+    full_every: int | None = None
+    #: with ``incremental``: the most bytes in one chunk
+    chunk_bytes: int = CHUNK_BYTES
+    #: with ``incremental``: a tensor whose storage, view and in-place version counter
+    #: are unchanged since the last save is not read. False hashes every tensor (for code
+    #: that writes through ``.data``, numpy views or raw pointers, which keep the counter)
+    trust_versions: bool = True
 
     def __post_init__(self) -> None:
         if self.best_mode not in ("min", "max"):
             raise ValueError("best_mode must be 'min' or 'max'")
+        if self.full_every is not None and (type(self.full_every) is not int
+                                            or self.full_every < 1):
+            raise ValueError(f"full_every must be a positive int, got {self.full_every!r}")
+        if type(self.chunk_bytes) is not int or self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
         self.policy()  # the policies check their own settings: fail here, not after a commit
 
     def retention_spec(self) -> RetentionSpec:
@@ -129,13 +152,15 @@ class CheckpointManager:
         best_mode: Mode = _UNSET,
         keep_every_steps: int | None = _UNSET,
         async_save: bool = _UNSET,
+        incremental: bool = _UNSET,
+        full_every: int | None = _UNSET,
         options: ManagerOptions | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         given: dict[str, Any] = {
             "keep_last": keep_last, "keep_best": keep_best, "best_metric": best_metric,
             "best_mode": best_mode, "keep_every_steps": keep_every_steps,
-            "async_save": async_save,
+            "async_save": async_save, "incremental": incremental, "full_every": full_every,
         }
         base = options or ManagerOptions()
         overrides = {k: v for k, v in given.items() if v is not _UNSET}
@@ -153,6 +178,11 @@ class CheckpointManager:
         self._inflight_metrics: dict[str, Any] = {}
         self._arena = StagingArena()
         self._closed = False
+        #: incremental saves: the step the next one compares with (None: read it from disk)
+        self._base: Base | None = None
+        #: the next incremental save writes every chunk (after restoring an older step)
+        self._force_full = False
+        self._pool_ready = False
         #: the ranks of a sharded run (torch.distributed with more than one rank), or None
         self.collective: Collective | None = Collective() if sharded_world() else None
         #: what the manager removed when it opened the directory (rank 0 cleans)
@@ -161,6 +191,9 @@ class CheckpointManager:
             self.cleaned = self.run.clean_leftovers()
         if self.collective is not None:
             self.collective.barrier()
+        if self.options.incremental and self.collective is not None:
+            warnings.warn("incremental=True: sharded steps are written whole (incremental "
+                          "sharded saves are not supported yet)", stacklevel=2)
         if self.cleaned:
             warnings.warn(f"{self.run.name}: removed leftovers of interrupted saves: "
                           + ", ".join(self.cleaned), stacklevel=2)
@@ -218,13 +251,14 @@ class CheckpointManager:
     # -- saving ---------------------------------------------------------------------------------
 
     def save(self, step: int, state: dict[str, Any], *,
-             metrics: dict[str, Any] | None = None) -> None:
+             metrics: dict[str, Any] | None = None, full: bool = False) -> None:
         """Commit ``state`` as step ``step`` (a new, larger step number).
 
         Synchronous by default: when it returns the step is durable on disk. With
         ``async_save`` it returns once the state is copied to CPU staging memory; the
         write and commit happen in the background, and a failure surfaces on the next
-        ``save``, ``wait`` or ``close`` as AsyncSaveError.
+        ``save``, ``wait`` or ``close`` as AsyncSaveError. With ``incremental``, ``full``
+        writes every chunk of this step anew (no chunk shared with an earlier step).
         """
         self._check_open()
         if type(step) is not int or step < 0:
@@ -233,11 +267,12 @@ class CheckpointManager:
         metrics = _plain_metrics(metrics)
         if self._resume_check is not None:
             self._resume_check.saving(step, state, self.options.async_save)
-        self._save(step, state, metrics)
+        self._save(step, state, metrics, full)
         if self._resume_check is not None:
             self._resume_check.after_save(step, self.wait)
 
-    def _save(self, step: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def _save(self, step: int, state: dict[str, Any], metrics: dict[str, Any],
+              full: bool) -> None:
         if self.collective is not None:
             self._save_sharded(step, state, metrics)
             return
@@ -249,6 +284,10 @@ class CheckpointManager:
         tree = _collect(state)
         describer = Describer()
         skeleton, payloads, originals = plan_tensors(tree, describer)
+        if self.options.incremental:
+            self._save_incremental(step, skeleton, payloads, originals, describer, metrics,
+                                   full)
+            return
         if self.options.async_save:
             staged = self._arena.stage(payloads, originals, describer.storage_bytes)
             if self._executor is None:
@@ -319,11 +358,139 @@ class CheckpointManager:
             raise
         if durable:
             fs.fsync_dir(self.root)
+        self._committed(step, metrics)
+
+    # -- incremental steps --------------------------------------------------------------------
+
+    def _save_incremental(self, step: int, skeleton: Any, payloads: list[TensorPayload],
+                          originals: dict[str, Any], describer: Describer,
+                          metrics: dict[str, Any], full: bool) -> None:
+        options = self.options
+        base = None if full or self._force_full else self._incremental_base()
+        if base is not None and options.full_every is not None \
+                and base.since_full + 1 >= options.full_every:
+            base = None
+        usable = self._usable_files(base)
+        delta = diff(payloads, originals, describer.storage_bytes, base,
+                     chunk_bytes=options.chunk_bytes, usable=usable.__contains__,
+                     trust_versions=options.trust_versions)
+        if options.async_save:
+            for item, staged in zip(delta.new,
+                                    self._arena.stage_views([c.data for c in delta.new]),
+                                    strict=True):
+                item.data = staged
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchkeep-save")
+            self._inflight_step = step
+            self._inflight = self._executor.submit(self._commit_delta, step, skeleton, delta,
+                                                   base, metrics)
+        else:
+            self._commit_delta(step, skeleton, delta, base, metrics)
+
+    def _incremental_base(self) -> Base | None:
+        """The newest committed step, as the next incremental save compares with it."""
+        if self._base is not None:
+            return self._base
+        newest = self.latest_step()
+        if newest is None:
+            return None
+        try:
+            manifest = read_manifest(self.fs, self.step_path(newest))
+        except TorchkeepError as e:
+            warnings.warn(f"step {newest} is unreadable ({e}); this save is written whole",
+                          stacklevel=4)
+            return None
+        entries = manifest.get("tensors")
+        if not isinstance(entries, dict) or manifest.get("version") != 1:
+            return None
+        info = manifest.get("incremental")
+        since = info.get("since_full") if isinstance(info, dict) else None
+        return Base(newest, entries, since if type(since) is int else 0)
+
+    def _usable_files(self, base: Base | None) -> set[str]:
+        """The shared data files of ``base``'s chunks that are there whole (one size
+        lookup a file: a chunk whose file went missing is written again, never named)."""
+        if base is None:
+            return set()
+        ends: dict[str, int] = {}
+        for entry in base.entries.values():
+            for chunk in entry.get("chunks") or ():
+                name = str(chunk.get("file", ""))
+                if name.startswith(POOL_PREFIX):
+                    end = int(chunk.get("offset", 0)) + int(chunk.get("nbytes", 0))
+                    ends[name] = max(ends.get(name, 0), end)
+        usable = set()
+        directory = self.step_path(base.step)
+        for name, end in ends.items():
+            path = chunk_file_path(self.fs, directory, name)
+            try:
+                if path is not None and self.fs.size(path) >= end:
+                    usable.add(name)
+            except TorchkeepError:
+                continue
+        return usable
+
+    def _commit_delta(self, step: int, skeleton: Any, delta: Delta, base: Base | None,
+                      metrics: dict[str, Any]) -> None:
+        fs = self.fs
+        final = self.step_path(step)
+        tmp = fs.join(self.root, temporary_name(step)) if fs.atomic_rename else final
+        if not fs.atomic_rename:
+            self.run.prepare_in_place(step)
+        durable = self.options.durable
+        pool = fs.join(self.root, POOL_NAME)
+        data_path: str | None = None
+        since_full = 0 if base is None else base.since_full + 1
+        try:
+            if delta.new:
+                if not self._pool_ready:
+                    fs.makedirs(pool)
+                    if durable:
+                        fs.fsync_dir(self.root)
+                    self._pool_ready = True
+                name = pool_file_name(step)
+                data_path = fs.join(pool, name)
+                write_chunks(fs, data_path, POOL_PREFIX + name, delta.new, fsync=durable)
+                if durable:
+                    fs.fsync_dir(pool)
+            fs.makedirs(tmp)
+            commit_manifest(
+                fs, tmp, step=step, skeleton=skeleton, entries=delta.entries, metrics=metrics,
+                fsync=durable,
+                extra={"torch_version": torch.__version__,
+                       "torchkeep_version": torchkeep.__version__,
+                       "retention": dataclasses.asdict(self.options.retention_spec()),
+                       "incremental": {
+                           "base": None if base is None else base.step,
+                           "full": base is None, "since_full": since_full,
+                           "written_bytes": delta.new_bytes,
+                           "shared_bytes": delta.shared_bytes}})
+            if self._resume_check is not None:
+                self._resume_check.before_commit(step)
+            if tmp != final:
+                fs.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if fs.exists(tmp):
+                    fs.rmtree(tmp)
+            with contextlib.suppress(Exception):
+                if data_path is not None and fs.exists(data_path):
+                    fs.remove(data_path)
+            raise
+        if durable:
+            fs.fsync_dir(self.root)
+        self._base = Base(step, delta.entries, since_full, delta.versions)
+        self._force_full = False
+        self._committed(step, metrics)
+
+    def _committed(self, step: int, metrics: dict[str, Any]) -> None:
+        """After a step's commit: note it, report it, apply retention."""
         self.run.record(step, metrics)
         if self._resume_check is not None:
             self._resume_check.committed(step)
         if self._retains():  # no policy deletes nothing: skip the listing
-            self.run.delete(self.retention().delete, durable=durable, background=True)
+            self.run.delete(self.retention().delete, durable=self.options.durable,
+                            background=True)
 
     def _retains(self) -> bool:
         """Whether retention deletes anything (never while check-resume compares steps)."""
@@ -437,6 +604,10 @@ class CheckpointManager:
         return True
 
     def _restored(self, step: int) -> None:
+        if self.options.incremental and step != self.latest_step():
+            # an older step came back (a fallback past a bad chunk, or on purpose): the
+            # next save shares nothing, so a bad chunk of a newer step is never named again
+            self._force_full = True
         if self._resume_check is not None:
             self._resume_check.restored(step)
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchkeep.errors import CheckpointNotFoundError, StorageError, TorchkeepError
-from torchkeep.formats.manifest import MARKER_NAME, read_manifest
+from torchkeep.formats.manifest import (
+    MARKER_NAME,
+    POOL_NAME,
+    POOL_PREFIX,
+    pool_file_step,
+    read_manifest,
+)
 from torchkeep.manager.layout import deleting_name, is_leftover, parse_step_name, step_name
 from torchkeep.manager.retention import (
     Mode,
@@ -37,9 +43,12 @@ class StepSummary:
     step: int
     path: str
     metrics: dict[str, Any]
+    #: bytes of the step's own files (its folder, and the shared data file it wrote)
     nbytes: int
     created: str | None
     tensors: int
+    #: bytes of its chunks that lie in data files earlier steps wrote (incremental steps)
+    shared_bytes: int = 0
 
 
 class RunDirectory:
@@ -57,6 +66,8 @@ class RunDirectory:
             raise CheckpointNotFoundError("no such run directory", source=fs.describe(root))
         self._lock = threading.Lock()
         self._metrics: dict[int, dict[str, Any]] = {}
+        #: the shared data files each committed step's chunks name (manifests never change)
+        self._refs: dict[int, dict[str, int]] = {}
 
     @property
     def name(self) -> str:
@@ -92,7 +103,8 @@ class RunDirectory:
         return self.scan()[1]
 
     def clean_leftovers(self) -> list[str]:
-        """Remove what interrupted saves and deletions left; returns the names removed."""
+        """Remove what interrupted saves and deletions left (shared data files no
+        committed step names among them); returns the names removed."""
         removed = []
         for name in self.leftovers():
             path = self.fs.join(self.root, name)
@@ -101,7 +113,97 @@ class RunDirectory:
                 removed.append(name)
             except TorchkeepError as e:
                 warnings.warn(f"could not remove leftover {path}: {e}", stacklevel=3)
+        removed += [f"{POOL_NAME}/{name}" for name in self.collect_chunks(newer=True)]
         return removed
+
+    # -- the shared data files of incremental steps ---------------------------------------
+
+    @property
+    def pool(self) -> str:
+        """The folder of the shared data files (``chunks/``)."""
+        return self.fs.join(self.root, POOL_NAME)
+
+    def references(self, step: int) -> dict[str, int]:
+        """The shared data files (names in ``chunks/``) the chunks of committed ``step``
+        lie in, with the bytes it reads from each (raises when its manifest cannot be
+        read)."""
+        with self._lock:
+            found = self._refs.get(step)
+        if found is not None:
+            return found
+        manifest = read_manifest(self.fs, self.step_path(step))
+        found = _references(manifest)
+        with self._lock:
+            self._refs[step] = found
+        return found
+
+    def unreferenced_chunks(self, *, newer: bool = False) -> list[str] | None:
+        """Shared data files no committed step names, written by a step no newer than the
+        newest committed one (a newer one may belong to a save in flight; ``newer``
+        includes those: when a manager opens the run nothing is in flight); None when a
+        committed step's manifest cannot be read, as nothing is then known unreferenced."""
+        names = [n for n in self.fs.listdir(self.pool) if pool_file_step(n) is not None]
+        if not names:
+            return []
+        steps = self.steps()
+        if not steps and not newer:
+            return []
+        referenced: set[str] = set()
+        for step in steps:
+            try:
+                referenced.update(self.references(step))
+            except TorchkeepError as e:
+                warnings.warn(f"step {step} is unreadable ({e}): no shared data file is "
+                              "removed", stacklevel=3)
+                return None
+        newest = steps[-1] if steps and not newer else None
+        return [n for n in names if n not in referenced
+                and (newest is None or (pool_file_step(n) or 0) <= newest)]
+
+    def collect_chunks(self, *, newer: bool = False) -> list[str]:
+        """Remove the shared data files no committed step names; returns their names.
+
+        Safe at any moment: a file is removed only once the committed steps, listed after
+        the deletions that freed it, do not name it; a save names only files its base
+        step (the newest, which retention never deletes) names, or the one it writes."""
+        doomed = self.unreferenced_chunks(newer=newer) or []
+        removed = []
+        for name in doomed:
+            try:
+                self.fs.remove(self.fs.join(self.pool, name))
+                removed.append(name)
+            except TorchkeepError as e:
+                warnings.warn(f"could not remove unreferenced {POOL_NAME}/{name}: {e}",
+                              stacklevel=3)
+        return removed
+
+    def _collect_quietly(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the next manager to open the run says it
+            self.collect_chunks()
+
+    def reclaimable(self, steps: list[int]) -> int:
+        """Bytes deleting ``steps`` would free: their folders, and the shared data files
+        only they name."""
+        doomed = set(steps)
+        kept_refs: set[str] = set()
+        doomed_refs: set[str] = set()
+        for step in self.steps():
+            try:
+                refs = self.references(step)
+            except TorchkeepError:
+                refs = {}
+            (doomed_refs if step in doomed else kept_refs).update(refs)
+        total = sum(self._folder_bytes(self.step_path(s)) for s in doomed)
+        for name in doomed_refs - kept_refs:
+            try:
+                total += self.fs.size(self.fs.join(self.pool, name))
+            except TorchkeepError:
+                continue
+        return total
+
+    def _folder_bytes(self, path: str) -> int:
+        return sum(self.fs.size(self.fs.join(path, n)) for n in self.fs.listdir(path))
 
     def refresh(self) -> dict[int, dict[str, Any]]:
         """Re-list committed steps; metrics are read from each new step's manifest once."""
@@ -126,6 +228,7 @@ class RunDirectory:
         """Note a step just committed (saves re-reading its manifest)."""
         with self._lock:
             self._metrics[step] = dict(metrics)
+            self._refs.pop(step, None)
 
     def metrics(self, step: int) -> dict[str, Any]:
         """The metrics saved with ``step``."""
@@ -179,6 +282,7 @@ class RunDirectory:
                     self.fs.fsync_dir(self.root)
                 with self._lock:
                     self._metrics.pop(step, None)
+                    self._refs.pop(step, None)
                 deleted.append(step)
                 if background:
                     run_later(functools.partial(self.fs.rmtree, doomed))
@@ -186,15 +290,41 @@ class RunDirectory:
                     self.fs.rmtree(doomed)
             except TorchkeepError as e:
                 warnings.warn(f"could not delete step {step}: {e}", stacklevel=2)
+        if deleted:  # the shared data files only the deleted steps named go next
+            if background:
+                run_later(self._collect_quietly)
+            else:
+                self.collect_chunks()
         return deleted
 
     def summary(self, step: int) -> StepSummary:
         """Size, metrics, time and tensor count of one committed step."""
         path = self.step_path(step)
         manifest = read_manifest(self.fs, path, verify=False)
-        nbytes = sum(self.fs.size(self.fs.join(path, n)) for n in self.fs.listdir(path))
+        nbytes = self._folder_bytes(path)
+        shared = 0
+        for name, used in _references(manifest).items():
+            if pool_file_step(name) == step:
+                nbytes += self.fs.size(self.fs.join(self.pool, name))
+            else:
+                shared += used
         tensors = manifest.get("tensors")
         shown = self.fs.join(self.name, step_name(step))
         return StepSummary(step, shown, dict(manifest.get("metrics") or {}), nbytes,
                            manifest.get("created"),
-                           len(tensors) if isinstance(tensors, dict) else 0)
+                           len(tensors) if isinstance(tensors, dict) else 0, shared)
+
+
+def _references(manifest: dict[str, Any]) -> dict[str, int]:
+    """The shared data files (names in ``chunks/``) a manifest's chunks lie in, with the
+    bytes read from each."""
+    found: dict[str, int] = {}
+    tensors = manifest.get("tensors")
+    for entry in tensors.values() if isinstance(tensors, dict) else ():
+        for chunk in (entry.get("chunks") or ()) if isinstance(entry, dict) else ():
+            name = chunk.get("file") if isinstance(chunk, dict) else None
+            if isinstance(name, str) and name.startswith(POOL_PREFIX):
+                name = name[len(POOL_PREFIX):]
+                nbytes = chunk.get("nbytes")
+                found[name] = found.get(name, 0) + (nbytes if type(nbytes) is int else 0)
+    return found

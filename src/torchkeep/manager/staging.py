@@ -63,6 +63,25 @@ class StagingArena:
         return staged
 
 
+    def stage_views(self, views: list[memoryview]) -> list[memoryview]:
+        """Copies of ``views`` (CPU bytes) in the arena: an incremental save stages only
+        the chunks it writes."""
+        offsets = []
+        total = 0
+        for view in views:
+            total += -total % ALIGNMENT
+            offsets.append(total)
+            total += view.nbytes
+        flat = self._ensure(total).numpy()
+        staged = []
+        for view, offset in zip(views, offsets, strict=True):
+            target = flat[offset : offset + view.nbytes]
+            if view.nbytes:
+                target[:] = np.frombuffer(view, dtype=np.uint8)
+            staged.append(target.data)
+        return staged
+
+
 def _viewable(t: torch.Tensor) -> bool:
     # uint8 -> dtype views need an element size torch can view into
     return t.dtype not in (torch.bits1x8, torch.bits2x4, torch.bits4x2) and t.numel() > 0

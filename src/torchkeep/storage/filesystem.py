@@ -34,6 +34,10 @@ class FileSystem:
         """Join path parts."""
         raise NotImplementedError
 
+    def parent(self, path: str) -> str:
+        """The folder holding ``path``."""
+        raise NotImplementedError
+
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) inside folder ``path``; empty when it does not exist."""
         raise NotImplementedError
@@ -93,6 +97,9 @@ class LocalFileSystem(FileSystem):
 
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
+
+    def parent(self, path: str) -> str:
+        return os.path.dirname(os.path.normpath(path))
 
     def listdir(self, path: str) -> list[str]:
         try:
@@ -164,6 +171,9 @@ class FsspecFileSystem(FileSystem):
 
     def join(self, *parts: str) -> str:
         return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+    def parent(self, path: str) -> str:
+        return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
 
     def listdir(self, path: str) -> list[str]:
         try:
