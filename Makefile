@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/distributed.py
 	$(PY) bench/remote.py
+	$(PY) bench/incremental.py --chunks
 
 # every fuzz target for FUZZ_SECONDS; the long campaign: fuzz/campaign.py --runs 1000000
 FUZZ_SECONDS ?= 60

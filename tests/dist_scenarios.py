@@ -373,3 +373,40 @@ def model_state_wrapper(rank: int, world: int, root: str, restore: bool) -> dict
         else:
             mgr.save(1, state)
     return {"refused": refused, **full_state(model, opt)}
+
+
+def incremental_run(rank: int, world: int, root: str, steps: int,
+                    async_save: bool) -> dict[str, Any]:
+    """FSDP2 with a frozen first layer, saved incrementally after every step (keep_last=2,
+    full_every=3); the manifests' incremental records and the final full state."""
+    model, opt = build(world, "fsdp2")
+    for p in model[0].parameters():
+        p.requires_grad_(False)  # frozen: never changes, never read again
+    state = {"model": model, "optimizer": opt, "step": 0}
+    records = {}
+    with torchkeep.CheckpointManager(root, keep_last=2, incremental=True, full_every=3,
+                                     async_save=async_save) as mgr:
+        for step in range(steps):
+            train(model, opt, rank, 1, step)
+            state["step"] = step
+            mgr.save(step, state)
+            mgr.wait()
+            if rank == 0:
+                import json
+
+                with open(os.path.join(mgr.step_path(step), "manifest.json")) as f:
+                    records[step] = json.load(f)["incremental"]
+        kept = mgr.all_steps()
+    return {"records": records, "steps": kept, **full_state(model, opt)}
+
+
+def incremental_restore(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Restore incremental_run's newest step into a fresh model on this world size."""
+    model, opt = build(world, "fsdp2", seed=99)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    train(model, opt, rank, 1, 50)  # optimizer state exists, with other values
+    state = {"model": model, "optimizer": opt, "step": -1}
+    with torchkeep.CheckpointManager(root) as mgr:
+        step = mgr.restore(state)
+    return {"step": step, "saved_step": state["step"], **full_state(model, opt)}

@@ -304,3 +304,28 @@ def test_model_state_pairs_an_optimizer_spanning_several_modules(tmp_path: Path)
     restored = values(run_ranks(3, S.model_state_wrapper, str(tmp_path), True))
     for r in restored:
         assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_incremental_sharded_steps_share_the_frozen_layer(tmp_path: Path,
+                                                          async_save: bool) -> None:
+    from torchkeep.manager.rundir import RunDirectory
+
+    root = tmp_path / "run"
+    saved = values(run_ranks(2, S.incremental_run, str(root), 5, async_save))
+    records = saved[0]["records"]
+    assert [records[s]["full"] for s in range(5)] == [True, False, False, True, False]
+    frozen = (13 * 23 + 23) * 4  # layer 0's weight and bias, written by step 0 only
+    for step in (1, 2, 4):
+        assert records[step]["shared_bytes"] >= frozen, records[step]
+        assert records[step]["written_bytes"] > 0
+    assert records[3]["shared_bytes"] == 0
+    assert saved[0]["steps"] == [3, 4]
+    run = RunDirectory(root, create=False)
+    named = {n for s in run.steps() for n in run.references(s)}
+    assert set(os.listdir(root / "chunks")) == named  # step 0's to 2's files are freed
+    assert torchkeep.verify(root / "step-000000000004").intact
+    for m in (1, 3):  # restores on other world sizes, through DCP's planner
+        for r in values(run_ranks(m, S.incremental_restore, str(root))):
+            assert r["step"] == 4 and r["saved_step"] == 4
+            assert same(saved[0]["model"], r["model"]) and same(saved[0]["optim"], r["optim"])

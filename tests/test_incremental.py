@@ -538,3 +538,18 @@ def info_remote(url: str, step: int) -> dict[str, Any]:
 
     with fsspec.open(f"{url}/step-{step:012d}/{MANIFEST_NAME}") as f:
         return json.load(f)["incremental"]  # type: ignore[no-any-return]
+
+
+def test_a_missing_shared_file_is_reported_and_never_named_again(tmp_path) -> None:
+    with manager(tmp_path) as mgr:
+        for step in range(3):
+            mgr.save(step, model_state(step))
+        first = next(n for n in pool_files(tmp_path) if "-000000000000-" in n)
+        os.remove(tmp_path / POOL_NAME / first)
+        problem = torchkeep.verify(mgr.step_path(2)).problem
+        assert problem is not None and f"data file ../chunks/{first} is missing" in problem
+        with pytest.raises(TorchkeepError, match="is missing"):
+            mgr.load(2)
+        mgr.save(3, model_state(3))  # the chunks of the missing file are written again
+        assert first not in RunDirectory(tmp_path).references(3)
+        assert_equal(mgr.load(3), model_state(3))

@@ -433,6 +433,37 @@ def test_sigkill_during_saves_latest_step_restores_exactly(s3: servers.S3Server,
             assert torch.equal(got["w"], torch.randn(1 << 20, generator=g))
 
 
+def test_incremental_manager_on_s3_uploads_only_changed_chunks(s3: servers.S3Server,
+                                                               bucket: str) -> None:
+    url = f"s3://{bucket}/runs/inc"
+    frozen = torch.randn(1024, 256)  # 1 MiB, never changed
+    options = torchkeep.ManagerOptions(incremental=True, keep_last=2, async_save=True,
+                                       chunk_bytes=64 * 1024)
+    uploaded = []
+    with torchkeep.CheckpointManager(url, options=options, storage_options=s3.options) as mgr:
+        for step in range(4):
+            before = s3.stats()["received"]
+            mgr.save(step, {"frozen": frozen, "head": torch.full((64, 64), float(step)),
+                            "step": step})
+            mgr.wait()
+            uploaded.append(s3.stats()["received"] - before)
+        from torchkeep.storage.background import drain
+
+        drain()
+        assert mgr.all_steps() == [2, 3]
+        for step in (2, 3):
+            got = mgr.load(step)
+            assert torch.equal(got["frozen"], frozen) and got["step"] == step
+            assert torch.equal(got["head"], torch.full((64, 64), float(step)))
+    # the first step uploads the frozen MiB; later ones the 16 KiB head and a manifest
+    assert uploaded[0] > MiB and all(n < 100 * 1024 for n in uploaded[1:]), uploaded
+    names = {p.rsplit("/", 1)[-1] for p in _listing(s3, bucket) if "/chunks/" in p}
+    assert {n.split("-")[1] for n in names} == {"000000000000", "000000000002",
+                                                "000000000003"}  # 1's file was freed
+    with torchkeep.storage_options(s3.options):
+        assert torchkeep.verify(f"{url}/step-000000000003").intact
+
+
 def test_manager_refuses_to_overwrite_a_committed_step(s3: servers.S3Server,
                                                        bucket: str) -> None:
     with torchkeep.CheckpointManager(f"s3://{bucket}/r", storage_options=s3.options) as mgr:

@@ -49,12 +49,13 @@ def translate(error: BaseException, what: str) -> TorchkeepError:
 
 def save(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
          process_group: Any = None, info: dict[str, Any] | None = None,
-         fsync: bool = True) -> None:
+         fsync: bool = True, incremental: Any = None) -> None:
     """Save a (sharded) state dict as a committed torchkeep step directory at ``path``.
 
     Collective: every rank of ``process_group`` calls it. ``path`` must not exist.
+    ``incremental``: the manager's ShardedDiff (an incremental step).
     """
-    writer = StepWriter(path, fsync=fsync, info=info)
+    writer = StepWriter(path, fsync=fsync, info=info, incremental=incremental)
     try:
         dcp_save(state_dict, storage_writer=writer, planner=TorchkeepSavePlanner(),
                  process_group=process_group, no_dist=not _distributed())
@@ -62,6 +63,8 @@ def save(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
         if writer.is_coordinator and writer.tmp is not None and writer.fs is not None:
             with contextlib.suppress(Exception):  # what the failed save wrote
                 writer.fs.rmtree(writer.tmp)
+        if incremental is not None:
+            incremental.discard()
         if _distributed():  # every rank returns after the removal (a dead peer fails fast)
             with contextlib.suppress(Exception):
                 dist.barrier(group=process_group)
@@ -90,19 +93,21 @@ class PendingSave:
             if writer.is_coordinator and writer.tmp is not None and writer.fs is not None:
                 with contextlib.suppress(Exception):
                     writer.fs.rmtree(writer.tmp)
+            if writer.incremental is not None:
+                writer.incremental.discard()
             raise translate(e, "save") from e
 
 
 def save_async(state_dict: dict[str, Any], path: str | os.PathLike[str], *,
                process_group: Any, stager: Any, info: dict[str, Any] | None = None,
-               fsync: bool = True) -> PendingSave:
+               fsync: bool = True, incremental: Any = None) -> PendingSave:
     """Stage ``state_dict`` into CPU memory (``stager``: a DCP ``DefaultStager``, whose
     buffers are reused from one save to the next), then plan, write and commit it on a
     background thread. ``process_group`` must be used by nothing else meanwhile: the
     background collectives must never interleave with the caller's."""
     from torch.distributed.checkpoint.state_dict_saver import async_save
 
-    writer = StepWriter(path, fsync=fsync, info=info)
+    writer = StepWriter(path, fsync=fsync, info=info, incremental=incremental)
     future = async_save(state_dict, storage_writer=writer, planner=TorchkeepSavePlanner(),
                         process_group=process_group, async_stager=stager,
                         no_dist=not _distributed())

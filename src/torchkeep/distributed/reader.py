@@ -34,7 +34,13 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.formats.detect import directory_format
-from torchkeep.formats.manifest import SHARDED_VERSION, checksum, read_manifest, read_step_dir
+from torchkeep.formats.manifest import (
+    SHARDED_VERSION,
+    checksum,
+    chunk_file_path,
+    read_manifest,
+    read_step_dir,
+)
 from torchkeep.formats.treejson import TreeDecoder
 from torchkeep.limits import DEFAULT_LIMITS
 from torchkeep.storage.filesystem import FileSystem, open_filesystem
@@ -231,7 +237,12 @@ class StepReader(StorageReader):
         name = info["file"]
         source = self._sources.get(name)
         if source is None:
-            source = self._sources[name] = fs.source(fs.join(path, name))
+            where = chunk_file_path(fs, path, str(name))
+            if where is None:
+                raise CorruptCheckpointError(f"tensor {info['fqn']!r}: chunk {info['index']} "
+                                             f"names a file outside the step ({name!r})",
+                                             source=fs.describe(path))
+            source = self._sources[name] = fs.source(where)
         if info["offset"] + info["nbytes"] > source.size:
             raise CorruptCheckpointError(
                 f"tensor {info['fqn']!r}: chunk {info['index']} runs past the end of {name} "

@@ -75,13 +75,17 @@ class StepWriter(StorageWriter):
 
     ``path`` is the step directory to create; it must not exist. ``info`` adds fields to
     the manifest (the manager records step, metrics and per-rank sections there).
+    ``incremental`` (the manager's ShardedDiff, manager/incremental.py) makes an
+    incremental step: each rank writes only its changed chunks, into the run's shared
+    ``chunks/`` folder.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, fsync: bool = True,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, incremental: Any = None) -> None:
         super().__init__()
         self.fsync = fsync
         self.info = dict(info or {})
+        self.incremental = incremental
         self.fs: FileSystem | None = None
         self.path: str | None = None
         self.is_coordinator = False
@@ -161,11 +165,27 @@ class StepWriter(StorageWriter):
                     "xxh3": digest.result()}))
                 offset += raw.nbytes
 
-        if tensors or self.rank == 0:
+        if self.incremental is not None:
+            self._write_incremental(fs, tensors, results)
+        elif tensors or self.rank == 0:
             fs.write_file(fs.join(where["dir"], file_name), produce, fsync=self.fsync)
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
+
+    def _write_incremental(self, fs: FileSystem, tensors: list[tuple[Any, torch.Tensor]],
+                           results: list[WriteResult]) -> None:
+        _, path = self._where()
+        new = []
+        for item, tensor in tensors:
+            offsets = list(item.tensor_data.chunk.offsets) if item.tensor_data else \
+                [0] * tensor.dim()
+            pieces, fresh = self.incremental.pieces(
+                item.index.fqn, offsets, tensor, lambda t=tensor: tensor_bytes(t))
+            new += fresh
+            results.append(WriteResult(item.index, sum(p["nbytes"] for p in pieces),
+                                       {"pieces": pieces}))
+        self.incremental.write(fs, path, new, fsync=self.fsync)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         fs, path = self._where()
@@ -203,17 +223,27 @@ def build_manifest(metadata: Metadata, results: list[list[WriteResult]],
                                          for r in rank}
     tensors: dict[str, Any] = {}
     values: dict[str, Any] = {}
+    counts = {"written_bytes": 0, "shared_bytes": 0}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
             chunks = []
             for chunk in md.chunks:
                 where = written[MetadataIndex(fqn, chunk.offsets)]
+                if "pieces" in where:  # an incremental step: the chunk cut into pieces
+                    for piece in where["pieces"]:
+                        fresh = piece.pop("new", False)
+                        counts["written_bytes" if fresh else "shared_bytes"] += \
+                            piece["nbytes"]
+                        chunks.append(piece)
+                    continue
                 chunks.append({"offsets": list(chunk.offsets), "shape": list(chunk.sizes),
                                **where})
             tensors[fqn] = {"dtype": from_torch_dtype(md.properties.dtype).name,
                             "shape": list(md.size), "chunks": chunks}
         else:
             values[fqn] = written[MetadataIndex(fqn)]["value"]
+    if isinstance(info.get("incremental"), dict):
+        info = {**info, "incremental": {**info["incremental"], **counts}}
     planner_data = metadata.planner_data or {}
     paths = {fqn: list(planner_data.get(fqn, (fqn,))) for fqn in metadata.state_dict_metadata}
     return {

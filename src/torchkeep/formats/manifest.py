@@ -36,6 +36,7 @@ import xxhash
 
 from torchkeep import dtypes
 from torchkeep.errors import (
+    CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatError,
     IntegrityError,
@@ -356,7 +357,12 @@ def read_step_dir(
         if size != math.prod(extent) * itemsize or offset < 0 or path is None:
             raise fail(f"tensor {tensor_name!r}: chunk {index} does not match the tensor")
         if file_name not in sources:
-            sources[file_name] = fs.source(path)
+            try:
+                sources[file_name] = fs.source(path)
+            except CheckpointNotFoundError:  # the step is committed: its data is missing
+                raise CorruptCheckpointError(
+                    f"tensor {tensor_name!r}: its data file {file_name} is missing",
+                    source=name) from None
         source = sources[file_name]
         if offset + size > source.size:
             raise CorruptCheckpointError(

@@ -20,15 +20,17 @@ import torch
 
 from torchkeep.formats.manifest import (
     ALIGNMENT,
+    POOL_NAME,
     POOL_PREFIX,
     TensorPayload,
     checksum,
+    pool_file_name,
 )
 from torchkeep.storage.filesystem import FileSystem
 from torchkeep.tree import StorageRef
 
-__all__ = ["CHUNK_BYTES", "Base", "Delta", "NewChunk", "diff", "plan_chunks", "version_of",
-           "write_chunks"]
+__all__ = ["CHUNK_BYTES", "Base", "Delta", "NewChunk", "ShardedDiff", "diff", "plan_chunks",
+           "version_of", "write_chunks"]
 
 #: the chunk size (bench/incremental.py measures 1, 2, 4 and 8 MiB; docs/manager.md)
 CHUNK_BYTES = 4 << 20
@@ -246,3 +248,81 @@ def write_chunks(fs: FileSystem, path: str, file_ref: str, new: list[NewChunk], 
             offset += item.data.nbytes
 
     fs.write_file(path, produce, fsync=fsync)
+
+
+class ShardedDiff:
+    """One rank's side of an incremental sharded save: DCP hands each chunk of the rank's
+    tensors to ``pieces``, which cuts it like ``plan_chunks`` and compares the pieces with
+    the base step's at the same global offsets; ``write`` puts the new ones into this
+    rank's file of the shared folder. StepWriter (torchkeep.distributed) calls both.
+
+    Every piece is hashed, never trusted by its version counter: the shard tensors DCP
+    hands over kept their storage, view and counter across an FSDP2 optimizer step that
+    changed them (measured: a step trusted that way kept the old weights)."""
+
+    def __init__(self, *, step: int, rank: int, base: Base | None, chunk_bytes: int,
+                 usable: set[str]) -> None:
+        self.step = step
+        self.rank = rank
+        self.base = base
+        self.chunk_bytes = chunk_bytes
+        self.usable = usable
+        #: the files this rank wrote (removed when the save fails)
+        self.written: list[tuple[FileSystem, str]] = []
+        self._pieces: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+        for fqn, entry in (base.entries.items() if base is not None else ()):
+            for chunk in entry.get("chunks") or ():
+                name = str(chunk.get("file", ""))
+                if name.startswith(POOL_PREFIX) and name in usable:
+                    self._pieces[(fqn, tuple(chunk.get("offsets") or ()))] = chunk
+
+    def pieces(self, fqn: str, offsets: list[int], tensor: torch.Tensor,
+               raw: Callable[[], memoryview]) -> tuple[list[dict[str, Any]], list[NewChunk]]:
+        """The manifest chunks of one DCP chunk (global ``offsets``) and those to write;
+        ``raw()`` gives its C-contiguous CPU bytes."""
+        boxes = plan_chunks(tuple(tensor.shape), tensor.element_size(), self.chunk_bytes)
+        placed = [[o + b for o, b in zip(offsets, box, strict=True)] for box, *_ in boxes]
+        previous = []
+        for at, (_, sizes, _, n) in zip(placed, boxes, strict=True):
+            old = self._pieces.get((fqn, tuple(at)))
+            ok = old is not None and old.get("shape") == sizes and old.get("nbytes") == n
+            previous.append(old if ok else None)
+        data = raw()
+        chunks: list[dict[str, Any]] = []
+        new: list[NewChunk] = []
+        for at, (_, sizes, start, n), old in zip(placed, boxes, previous, strict=True):
+            piece = data[start : start + n]
+            digest = checksum(piece)
+            if old is not None and old["xxh3"] == digest:
+                chunks.append(dict(old))
+                continue
+            chunk = {"offsets": at, "shape": sizes, "file": "", "offset": 0, "nbytes": n,
+                     "xxh3": digest, "new": True}
+            chunks.append(chunk)
+            new.append(NewChunk(chunk, piece))
+        return chunks, new
+
+    def write(self, fs: FileSystem, step_path: str, new: list[NewChunk], *,
+              fsync: bool) -> None:
+        """Write this rank's new chunks into a new file of the shared folder beside the
+        step folder ``step_path``."""
+        if not new:
+            return
+        pool = fs.join(fs.parent(step_path), POOL_NAME)
+        fs.makedirs(pool)
+        name = pool_file_name(self.step, self.rank)
+        path = fs.join(pool, name)
+        self.written.append((fs, path))
+        write_chunks(fs, path, POOL_PREFIX + name, new, fsync=fsync)
+        if fsync:
+            fs.fsync_dir(pool)
+
+    def discard(self) -> None:
+        """Remove what this rank wrote (the save failed)."""
+        for fs, path in self.written:
+            try:
+                if fs.exists(path):
+                    fs.remove(path)
+            except Exception:  # best effort: the next manager to open the run collects it
+                continue
+        self.written.clear()

@@ -35,7 +35,14 @@ from torchkeep.formats.manifest import (
     write_step,
 )
 from torchkeep.manager.check_hooks import CheckHooks
-from torchkeep.manager.incremental import CHUNK_BYTES, Base, Delta, diff, write_chunks
+from torchkeep.manager.incremental import (
+    CHUNK_BYTES,
+    Base,
+    Delta,
+    ShardedDiff,
+    diff,
+    write_chunks,
+)
 from torchkeep.manager.layout import temporary_name
 from torchkeep.manager.policy_spec import RetentionSpec
 from torchkeep.manager.retention import Mode, Policy, RetentionPlan
@@ -183,6 +190,7 @@ class CheckpointManager:
         #: the next incremental save writes every chunk (after restoring an older step)
         self._force_full = False
         self._pool_ready = False
+        self._pending_diff: ShardedDiff | None = None
         #: the ranks of a sharded run (torch.distributed with more than one rank), or None
         self.collective: Collective | None = Collective() if sharded_world() else None
         #: what the manager removed when it opened the directory (rank 0 cleans)
@@ -191,9 +199,6 @@ class CheckpointManager:
             self.cleaned = self.run.clean_leftovers()
         if self.collective is not None:
             self.collective.barrier()
-        if self.options.incremental and self.collective is not None:
-            warnings.warn("incremental=True: sharded steps are written whole (incremental "
-                          "sharded saves are not supported yet)", stacklevel=2)
         if self.cleaned:
             warnings.warn(f"{self.run.name}: removed leftovers of interrupted saves: "
                           + ", ".join(self.cleaned), stacklevel=2)
@@ -274,7 +279,7 @@ class CheckpointManager:
     def _save(self, step: int, state: dict[str, Any], metrics: dict[str, Any],
               full: bool) -> None:
         if self.collective is not None:
-            self._save_sharded(step, state, metrics)
+            self._save_sharded(step, state, metrics, full)
             return
         if self.fs.exists(self.step_path(step)):
             raise ValueError(
@@ -299,23 +304,64 @@ class CheckpointManager:
         else:
             self._commit(step, skeleton, payloads, describer.storage_bytes, metrics)
 
-    def _save_sharded(self, step: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def _save_sharded(self, step: int, state: dict[str, Any], metrics: dict[str, Any],
+                      full: bool) -> None:
         collective = self.collective
         assert collective is not None
-        extra = {"retention": dataclasses.asdict(self.options.retention_spec())}
+        extra: dict[str, Any] = {"retention": dataclasses.asdict(self.options.retention_spec())}
+        incremental = None
+        if self.options.incremental:
+            incremental = self._sharded_diff(step, full)
+            base = incremental.base
+            extra["incremental"] = {
+                "base": None if base is None else base.step, "full": base is None,
+                "since_full": 0 if base is None else base.since_full + 1}
+        self._pending_diff = incremental
         pending = save_sharded(self.step_path(step), state, step=step, metrics=metrics,
                                extra=extra, collective=collective, fsync=self.options.durable,
-                               background=self.options.async_save)
+                               background=self.options.async_save, incremental=incremental)
         if pending is None:
             self._after_sharded_commit(step, metrics)
         else:
             self._inflight, self._inflight_step = pending, step
             self._inflight_metrics = metrics
 
+    def _sharded_diff(self, step: int, full: bool) -> ShardedDiff:
+        """This rank's comparison for an incremental sharded save: rank 0 decides the base
+        (the newest committed step) and whether the step is full; each rank reads the
+        base's manifest (every rank sees the run folder)."""
+        collective = self.collective
+        assert collective is not None
+        options = self.options
+
+        def decide() -> int | None:
+            if full or self._force_full:
+                return None
+            base = self._incremental_base()
+            if base is None or (options.full_every is not None
+                                and base.since_full + 1 >= options.full_every):
+                return None
+            return base.step
+
+        chosen = collective.decide_call(decide)
+        base = None
+        if chosen is not None:
+            manifest = read_manifest(self.fs, self.step_path(chosen))
+            info = manifest.get("incremental")
+            since = info.get("since_full") if isinstance(info, dict) else None
+            base = Base(chosen, manifest.get("tensors") or {},
+                        since if type(since) is int else 0)
+        return ShardedDiff(step=step, rank=collective.rank, base=base,
+                           chunk_bytes=options.chunk_bytes, usable=self._usable_files(base))
+
     def _after_sharded_commit(self, step: int, metrics: dict[str, Any]) -> None:
         """Rank 0 runs retention on the committed steps; every rank waits for it."""
         collective = self.collective
         assert collective is not None
+        if self._pending_diff is not None:
+            self._pending_diff = None
+            self._base = None  # read from disk by the next save: rank 0 has no manifest
+            self._force_full = False
         self.run.record(step, metrics)
         if self._resume_check is not None:
             self._resume_check.committed(step)
@@ -391,7 +437,8 @@ class CheckpointManager:
         """The newest committed step, as the next incremental save compares with it."""
         if self._base is not None:
             return self._base
-        newest = self.latest_step()
+        steps = self.run.steps()  # this process's listing (on rank 0 in a sharded run)
+        newest = steps[-1] if steps else None
         if newest is None:
             return None
         try:
@@ -401,7 +448,7 @@ class CheckpointManager:
                           stacklevel=4)
             return None
         entries = manifest.get("tensors")
-        if not isinstance(entries, dict) or manifest.get("version") != 1:
+        if not isinstance(entries, dict):
             return None
         info = manifest.get("incremental")
         since = info.get("since_full") if isinstance(info, dict) else None
@@ -604,7 +651,7 @@ class CheckpointManager:
         return True
 
     def _restored(self, step: int) -> None:
-        if self.options.incremental and step != self.latest_step():
+        if self.options.incremental and step != max(self.run.steps(), default=None):
             # an older step came back (a fallback past a bad chunk, or on purpose): the
             # next save shares nothing, so a bad chunk of a newer step is never named again
             self._force_full = True

@@ -97,9 +97,10 @@ def is_sharded_step(fs: Any, path: str) -> tuple[bool, dict[str, Any]]:
 
 def save_sharded(path: str, state: dict[str, Any], *, step: int, metrics: dict[str, Any],
                  extra: dict[str, Any], collective: Collective | None, fsync: bool,
-                 background: bool = False) -> Any:
+                 background: bool = False, incremental: Any = None) -> Any:
     """Commit ``state`` as the sharded step directory ``path`` (collective). With
-    ``background`` it returns once the state is staged in CPU memory: a PendingSave."""
+    ``background`` it returns once the state is staged in CPU memory: a PendingSave.
+    ``incremental``: this rank's ShardedDiff (manager/incremental.py)."""
     from torchkeep.distributed import api
     from torchkeep.distributed.state import plan_state, state_dict
 
@@ -112,8 +113,8 @@ def save_sharded(path: str, state: dict[str, Any], *, step: int, metrics: dict[s
     group = collective.ckpt if collective else None
     if background and collective is not None:
         return api.save_async(sd, path, process_group=group, stager=collective.stager(),
-                              info=info, fsync=fsync)
-    api.save(sd, path, process_group=group, info=info, fsync=fsync)
+                              info=info, fsync=fsync, incremental=incremental)
+    api.save(sd, path, process_group=group, info=info, fsync=fsync, incremental=incremental)
     return None
 
 
