@@ -15,7 +15,8 @@ DCP (one process) and a raw write + fsync of the same bytes; a full manager step
 incremental run (``keep_last=2``, so retention runs as in a long run) of one full step
 and ``--steps`` incremental ones, each after the state changed. Bytes written are the
 process's write() bytes (/proc/self/io ``wchar``), not what the manager says. Restores
-run in fresh processes: the newest incremental step against the full step.
+run in fresh processes: the newest incremental step against the full step, also warm
+(the run's files in the page cache), which isolates their CPU cost.
 
 ``--chunks`` also sweeps the chunk size (1, 2, 4, 8 MiB): bytes per step, step time,
 manifest size and restore time (the measurement CHUNK_BYTES comes from).
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pagecache import FILLER_ENV, available_bytes, can_drop, make_filler, settle
+from pagecache import FILLER_ENV, available_bytes, can_drop, make_filler, read_through, settle
 
 HERE = Path(__file__).resolve().parent
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -108,7 +109,8 @@ def flat(state: dict[str, Any]) -> dict[str, Any]:
 # -- the worker: one fresh process ---------------------------------------------------------
 
 
-def save_worker(name: str, workdir: Path, steps: int, chunk: int, baselines: bool) -> dict[str, Any]:
+def save_worker(name: str, workdir: Path, steps: int, chunk: int,
+                baselines: bool) -> dict[str, Any]:
     import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
@@ -161,15 +163,22 @@ def save_worker(name: str, workdir: Path, steps: int, chunk: int, baselines: boo
     return out
 
 
-def load_worker(workdir: Path, which: str) -> dict[str, Any]:
+def load_worker(workdir: Path, which: str, warm: bool) -> dict[str, Any]:
+    """Restore the newest step of a run; ``warm``: with every file of the run in the page
+    cache (what restoring costs beyond the disk)."""
     import torchkeep
 
     run = workdir / ("inc.run" if which == "incremental" else "full.run")
     steps = sorted(p.name for p in run.iterdir() if p.name.startswith("step-"))
-    path = run / steps[-1]
-    got = timed(lambda: torchkeep.CheckpointManager(run).load(int(steps[-1][5:])))
-    got["path"] = str(path.name)
-    return got
+    manager = torchkeep.CheckpointManager(run)
+    settle(None)
+    if warm:
+        for path in sorted(run.rglob("*")):
+            if path.is_file():
+                read_through(path)
+    t0 = time.perf_counter()
+    manager.load(int(steps[-1][5:]))
+    return {"seconds": time.perf_counter() - t0, "path": steps[-1]}
 
 
 def _remove(path: Path) -> None:
@@ -209,7 +218,7 @@ def render(condition: str, rounds: dict[str, list[dict[str, Any]]],
             mib = statistics.median(r["bytes"] for r in rows) / MiB
             lines.append(f"{name:<11} {op:<22} {stats([r['seconds'] for r in rows])} "
                          f"{mib:12.1f}")
-        for which in ("full", "incremental"):
+        for which in ("full", "incremental", "full warm", "incremental warm"):
             rows = loads.get(name, {}).get(which, [])
             if rows:
                 lines.append(f"{name:<11} {'restore ' + which:<22} "
@@ -226,10 +235,13 @@ def render(condition: str, rounds: dict[str, list[dict[str, Any]]],
             got["time / torch.save"] = inc_t / statistics.median(
                 r["torch_save"]["seconds"] for r in runs)
         restore = loads.get(name, {})
-        if restore.get("full") and restore.get("incremental"):
-            got["restore / full restore (median)"] = statistics.median(
-                r["seconds"] for r in restore["incremental"]) / statistics.median(
-                r["seconds"] for r in restore["full"])
+        for suffix in ("", " warm"):
+            full_rows, inc_rows = restore.get("full" + suffix), restore.get(
+                "incremental" + suffix)
+            if full_rows and inc_rows:
+                got[f"restore{suffix} / full restore (median)"] = statistics.median(
+                    r["seconds"] for r in inc_rows) / statistics.median(
+                    r["seconds"] for r in full_rows)
         ratios[name] = got
         for label, value in got.items():
             lines.append(f"{name:<11} ratio {label:<34} {value:7.3f}")
@@ -253,7 +265,7 @@ def main() -> int:
             got = save_worker(name, workdir, int(args.worker[3]), int(args.worker[4]),
                               args.worker[5] == "1")
         else:
-            got = load_worker(workdir, args.worker[3])
+            got = load_worker(workdir, args.worker[3], args.worker[4] == "1")
         print(json.dumps(got))
         return 0
     from torchkeep.manager.incremental import CHUNK_BYTES
@@ -280,9 +292,12 @@ def main() -> int:
                 workdir.mkdir()
                 rounds.setdefault(name, []).append(
                     worker(["save", name, str(workdir), str(args.steps), str(CHUNK_BYTES), "1"]))
-                for which in ("full", "incremental"):
-                    loads.setdefault(name, {}).setdefault(which, []).append(
-                        worker(["load", name, str(workdir), which]))
+                for _ in range(2):  # restores are short: two of each, interleaved
+                    for which in ("full", "incremental"):
+                        for warm in ("0", "1"):
+                            label = which + (" warm" if warm == "1" else "")
+                            loads.setdefault(name, {}).setdefault(label, []).append(
+                                worker(["load", name, str(workdir), which, warm]))
                 _remove(workdir)
         text, ratios = render(condition, rounds, loads)
         tables.append(text)
@@ -301,7 +316,7 @@ def main() -> int:
                 _remove(workdir)
                 workdir.mkdir()
                 got = worker(["save", name, str(workdir), str(args.steps), str(chunk), "0"])
-                load = worker(["load", name, str(workdir), "incremental"])
+                load = worker(["load", name, str(workdir), "incremental", "0"])
                 step = got["incremental_step"]
                 sweep.append({"state": name, "chunk": chunk, **step,
                               "restore": load["seconds"]})

@@ -553,3 +553,24 @@ def test_a_missing_shared_file_is_reported_and_never_named_again(tmp_path) -> No
         mgr.save(3, model_state(3))  # the chunks of the missing file are written again
         assert first not in RunDirectory(tmp_path).references(3)
         assert_equal(mgr.load(3), model_state(3))
+
+
+@pytest.mark.parametrize("mmap", [None, False])
+def test_a_partly_changed_tensor_reads_its_chunks_from_both_files(tmp_path, mmap) -> None:
+    table = torch.randn(4096, 64)  # 16 chunks of 64 KiB
+    with manager(tmp_path) as mgr:
+        mgr.save(0, {"emb": table})
+        table[300:310] += 1.0
+        mgr.save(1, {"emb": table})
+    step1 = tmp_path / "step-000000000001"
+    got = torchkeep.load(step1, mmap=mmap)["emb"]
+    assert torch.equal(got, table)
+    got[0, 0] = 123.0  # a private copy: neither the file nor the next load sees it
+    assert torch.equal(torchkeep.load(step1, mmap=mmap)["emb"], table)
+    assert np.array_equal(torchkeep.load(step1, backend="numpy")["emb"], table.numpy())
+    first, second = sorted(pool_files(tmp_path))
+    for name in (second, first):  # the changed chunk, then one of the unchanged ones
+        flip_byte(tmp_path / POOL_NAME / name, at=100)
+        with pytest.raises(IntegrityError, match="'emb' of step 1"):
+            torchkeep.load(step1, mmap=mmap)
+        flip_byte(tmp_path / POOL_NAME / name, at=100)

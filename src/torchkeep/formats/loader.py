@@ -116,6 +116,10 @@ class StorageLoader:
             )
         ahead = self._read_ahead.pop(root.key, None)
         data = ahead if ahead is not None else self._read(record)
+        for start, patch in record.patches:  # data is a buffer or a private map of its own
+            assert patch.source is not None and patch.offset is not None
+            if patch.nbytes:
+                patch.source.readinto(patch.offset, data[start : start + patch.nbytes].data)
         if self.parsed.verify is not None:
             self.parsed.verify(root, data.data)
         if not self.parsed.native_order and swap_itemsize > 1:
@@ -141,8 +145,12 @@ class StorageLoader:
             return np.empty(0, dtype=np.uint8)
         if record.offset is not None:
             source = record.source or self.parsed.source
-            if self.use_mmap:
+            if self.use_mmap and not record.patches:
                 return self._whole_map(source)[record.offset : record.offset + record.nbytes]
+            if self.use_mmap:  # patched in place: a map of its own, so no other record sees it
+                mapped = source.private_map(record.offset, record.nbytes)
+                if mapped is not None:
+                    return np.frombuffer(mapped, dtype=np.uint8)
             memory = source.memory()
             out = np.empty(record.nbytes, dtype=np.uint8)
             if memory is not None:

@@ -448,9 +448,20 @@ def read_step_dir(
             problem = ranges_problem(nbytes, runs)
             if problem:
                 raise fail(f"tensor {tensor_name!r}: {problem}")
-            records[tensor_name] = Record(
-                nbytes, name=tensor_name, parts=parts,
-                decode=functools.partial(read_runs, tensor_name, nbytes, runs, parts))
+            anchor = _anchor(runs, parts, nbytes)
+            if anchor is not None:  # most chunks lie in place in one file (the step that
+                # wrote the tensor whole): read or mapped as one range, the other chunks
+                # copied over it, every chunk checked against its checksum
+                source, offset = anchor
+                patches = tuple((start, part) for (start, _), part in zip(runs, parts,
+                                                                          strict=True)
+                                if part.source is not source or part.offset != offset + start)
+                records[tensor_name] = Record(nbytes, offset=offset, name=tensor_name,
+                                              source=source, parts=parts, patches=patches)
+            else:
+                records[tensor_name] = Record(
+                    nbytes, name=tensor_name, parts=parts,
+                    decode=functools.partial(read_runs, tensor_name, nbytes, runs, parts))
         else:
             check_coverage(tensor_name, shape, chunks)
             records[tensor_name] = Record(
@@ -471,7 +482,17 @@ def read_step_dir(
         tree = decoder.node(manifest.get("tree"), 0)
 
     def check(storage: StorageRef, data: memoryview) -> None:
-        expected = records[storage.key].xxh3
+        record = records[storage.key]
+        if record.parts and record.offset is not None:  # chunks lying in place, in order
+            at = 0
+            for part in record.parts:
+                if checksum(data[at : at + part.nbytes]) != part.xxh3:
+                    raise IntegrityError(
+                        f"tensor {storage.key!r} of step {step}: {part.name} does not match "
+                        "its checksum", source=name)
+                at += part.nbytes
+            return
+        expected = record.xxh3
         if expected is not None and checksum(data) != expected:
             raise IntegrityError(
                 f"tensor {storage.key!r} of step {step} does not match its checksum",
@@ -500,6 +521,27 @@ def _byte_runs(shape: tuple[int, ...], itemsize: int,
             return None
         runs.append(found)
     return runs
+
+
+def _anchor(runs: list[tuple[int, int]], parts: tuple[Record, ...],
+            nbytes: int) -> tuple[Any, int] | None:
+    """The file and offset where most chunks lie at their place in the tensor's bytes,
+    when the whole tensor's range fits in that file and the chunks come in byte order;
+    else None."""
+    if [start for start, _ in runs] != sorted(start for start, _ in runs):
+        return None
+    votes: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], tuple[Any, int]] = {}
+    for (start, _), part in zip(runs, parts, strict=True):
+        if part.source is None or part.offset is None:
+            return None
+        key = (id(part.source), part.offset - start)
+        votes[key] = votes.get(key, 0) + 1
+        where[key] = (part.source, part.offset - start)
+    source, offset = where[max(votes, key=lambda k: votes[k])]
+    if offset < 0 or offset + nbytes > source.size:
+        return None
+    return source, offset
 
 
 def sharded_tree(manifest: dict[str, Any], decoder: TreeDecoder, refs: dict[str, TensorRef],

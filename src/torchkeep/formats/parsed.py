@@ -33,6 +33,9 @@ class Record:
     #: the chunks a sharded tensor is assembled from (``decode`` assembles them), each a
     #: Record of its own bytes with its own checksum
     parts: tuple[Record, ...] = ()
+    #: ``(start, record)``: ranges of these bytes that come from other records instead
+    #: (an incremental step's changed chunks over the bytes of an earlier step)
+    patches: tuple[tuple[int, Record], ...] = ()
 
 
 @dataclass(slots=True)

@@ -180,6 +180,22 @@ class Source:
                 raise StorageError(f"cannot memory-map: {e}", source=self.name) from e
         return memoryview(self._map)[self._base : self._base + self.size]
 
+    def private_map(self, offset: int, n: int) -> memoryview | None:
+        """A private (copy-on-write) map of ``n`` bytes at ``offset`` of its own, writable
+        without touching the file or any other map; None when the input is not a local
+        file (or ``n`` is 0)."""
+        self._check(offset, n)
+        if self._fd is None or not n:
+            return None
+        at = self._base + offset
+        start = at - at % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(self._fd, at + n - start, access=mmap.ACCESS_COPY,
+                               offset=start)
+        except (OSError, ValueError) as e:
+            raise StorageError(f"cannot memory-map: {e}", source=self.name) from e
+        return memoryview(mapped)[at - start : at - start + n]
+
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
