@@ -18,19 +18,22 @@ from typing import Any
 
 import torch
 
+from torchkeep.errors import TorchkeepError
 from torchkeep.formats.manifest import (
     ALIGNMENT,
     POOL_NAME,
     POOL_PREFIX,
     TensorPayload,
     checksum,
+    chunk_file_path,
     pool_file_name,
+    read_manifest,
 )
 from torchkeep.storage.filesystem import FileSystem
 from torchkeep.tree import StorageRef
 
 __all__ = ["CHUNK_BYTES", "Base", "Delta", "NewChunk", "ShardedDiff", "diff", "plan_chunks",
-           "version_of", "write_chunks"]
+           "read_base", "usable_files", "version_of", "write_chunks"]
 
 #: the chunk size (bench/incremental.py measures 1, 2, 4 and 8 MiB; docs/manager.md)
 CHUNK_BYTES = 4 << 20
@@ -118,6 +121,39 @@ class Base:
     since_full: int
     #: the tensors' versions when this process saved it (empty when read from disk)
     versions: dict[str, Version] = field(default_factory=dict)
+
+
+def read_base(fs: FileSystem, directory: str, step: int) -> Base:
+    """Committed step ``step`` (in ``directory``) as a Base, from its manifest (raises
+    when it cannot be read)."""
+    manifest = read_manifest(fs, directory)
+    entries = manifest.get("tensors")
+    info = manifest.get("incremental")
+    since = info.get("since_full") if isinstance(info, dict) else None
+    return Base(step, entries if isinstance(entries, dict) else {},
+                since if type(since) is int else 0)
+
+
+def usable_files(fs: FileSystem, directory: str, base: Base) -> set[str]:
+    """The shared data files of ``base``'s chunks (``directory`` is its folder) that are
+    there whole: one size lookup a file, so a chunk whose file went missing or was cut
+    short is written again, never named."""
+    ends: dict[str, int] = {}
+    for entry in base.entries.values():
+        for chunk in (entry.get("chunks") or ()) if isinstance(entry, dict) else ():
+            name = str(chunk.get("file", ""))
+            if name.startswith(POOL_PREFIX):
+                end = int(chunk.get("offset", 0)) + int(chunk.get("nbytes", 0))
+                ends[name] = max(ends.get(name, 0), end)
+    usable = set()
+    for name, end in ends.items():
+        path = chunk_file_path(fs, directory, name)
+        try:
+            if path is not None and fs.size(path) >= end:
+                usable.add(name)
+        except TorchkeepError:
+            continue
+    return usable
 
 
 @dataclass(slots=True)

@@ -26,11 +26,9 @@ from torchkeep.formats.manifest import (
     POOL_NAME,
     POOL_PREFIX,
     TensorPayload,
-    chunk_file_path,
     commit_manifest,
     plan_tensors,
     pool_file_name,
-    read_manifest,
     read_step_dir,
     write_step,
 )
@@ -41,6 +39,8 @@ from torchkeep.manager.incremental import (
     Delta,
     ShardedDiff,
     diff,
+    read_base,
+    usable_files,
     write_chunks,
 )
 from torchkeep.manager.layout import temporary_name
@@ -346,11 +346,12 @@ class CheckpointManager:
         chosen = collective.decide_call(decide)
         base = None
         if chosen is not None:
-            manifest = read_manifest(self.fs, self.step_path(chosen))
-            info = manifest.get("incremental")
-            since = info.get("since_full") if isinstance(info, dict) else None
-            base = Base(chosen, manifest.get("tensors") or {},
-                        since if type(since) is int else 0)
+            try:
+                base = read_base(self.fs, self.step_path(chosen), chosen)
+            except TorchkeepError as e:  # this rank writes its pieces whole (raising here
+                # would leave the other ranks waiting in the save's collectives)
+                warnings.warn(f"step {chosen} is unreadable on rank {collective.rank} ({e}): "
+                              "its pieces of this save are written whole", stacklevel=4)
         return ShardedDiff(step=step, rank=collective.rank, base=base,
                            chunk_bytes=options.chunk_bytes, usable=self._usable_files(base))
 
@@ -442,40 +443,15 @@ class CheckpointManager:
         if newest is None:
             return None
         try:
-            manifest = read_manifest(self.fs, self.step_path(newest))
+            return read_base(self.fs, self.step_path(newest), newest)
         except TorchkeepError as e:
             warnings.warn(f"step {newest} is unreadable ({e}); this save is written whole",
                           stacklevel=4)
             return None
-        entries = manifest.get("tensors")
-        if not isinstance(entries, dict):
-            return None
-        info = manifest.get("incremental")
-        since = info.get("since_full") if isinstance(info, dict) else None
-        return Base(newest, entries, since if type(since) is int else 0)
 
     def _usable_files(self, base: Base | None) -> set[str]:
-        """The shared data files of ``base``'s chunks that are there whole (one size
-        lookup a file: a chunk whose file went missing is written again, never named)."""
-        if base is None:
-            return set()
-        ends: dict[str, int] = {}
-        for entry in base.entries.values():
-            for chunk in entry.get("chunks") or ():
-                name = str(chunk.get("file", ""))
-                if name.startswith(POOL_PREFIX):
-                    end = int(chunk.get("offset", 0)) + int(chunk.get("nbytes", 0))
-                    ends[name] = max(ends.get(name, 0), end)
-        usable = set()
-        directory = self.step_path(base.step)
-        for name, end in ends.items():
-            path = chunk_file_path(self.fs, directory, name)
-            try:
-                if path is not None and self.fs.size(path) >= end:
-                    usable.add(name)
-            except TorchkeepError:
-                continue
-        return usable
+        return set() if base is None else usable_files(self.fs, self.step_path(base.step),
+                                                       base)
 
     def _commit_delta(self, step: int, skeleton: Any, delta: Delta, base: Base | None,
                       metrics: dict[str, Any]) -> None:
