@@ -10,9 +10,10 @@ docs/manager.md has the layout and the safety argument.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ def plan_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list
     inner = math.prod(shape[k + 1:]) * itemsize
     run = max(1, chunk_bytes // inner)
     boxes: list[Box] = []
-    for lead in _indices(shape[:k]):
+    for lead in itertools.product(*(range(n) for n in shape[:k])):
         for j in range(0, shape[k], run):
             n = min(run, shape[k] - j)
             offsets = [*lead, j, *([0] * (len(shape) - k - 1))]
@@ -63,15 +64,6 @@ def plan_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list
             boxes.append((offsets, [*([1] * k), n, *shape[k + 1:]], start * itemsize,
                           n * inner))
     return boxes
-
-
-def _indices(shape: tuple[int, ...]) -> Iterator[list[int]]:
-    if not shape:
-        yield []
-        return
-    for head in range(shape[0]):
-        for rest in _indices(shape[1:]):
-            yield [head, *rest]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +202,7 @@ def diff(
         if version is not None:
             versions[payload.name] = version
         boxes = plan_chunks(tuple(ref.shape), ref.dtype.itemsize, chunk_bytes)
-        previous = _comparable(base, payload, boxes, usable)
+        previous = _comparable(base, payload, boxes)
         entry: dict[str, Any] = {
             "dtype": ref.dtype.name,
             "shape": list(ref.shape),
@@ -244,8 +236,8 @@ def diff(
     return Delta(entries, new, versions, base is None, shared, untouched)
 
 
-def _comparable(base: Base | None, payload: TensorPayload, boxes: list[Box],
-                usable: Callable[[str], bool]) -> list[dict[str, Any]] | None:
+def _comparable(base: Base | None, payload: TensorPayload,
+                boxes: list[Box]) -> list[dict[str, Any]] | None:
     """The base's chunks of the same tensor when they are cut the same way and lie in the
     shared folder, else None."""
     if base is None:

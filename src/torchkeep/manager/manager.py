@@ -294,15 +294,20 @@ class CheckpointManager:
                                    full)
             return
         if self.options.async_save:
-            staged = self._arena.stage(payloads, originals, describer.storage_bytes)
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchkeep-save")
-            self._inflight_step = step
-            self._inflight = self._executor.submit(
-                self._commit, step, skeleton, staged, describer.storage_bytes, metrics
-            )
-        else:
-            self._commit(step, skeleton, payloads, describer.storage_bytes, metrics)
+            payloads = self._arena.stage(payloads, originals, describer.storage_bytes)
+        self._run_commit(step, self._commit, step, skeleton, payloads, describer.storage_bytes,
+                         metrics)
+
+    def _run_commit(self, step: int, commit: Callable[..., None], *args: Any) -> None:
+        """``commit(*args)`` now, or with ``async_save`` on the writer thread (what it
+        writes must be staged already)."""
+        if not self.options.async_save:
+            commit(*args)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchkeep-save")
+        self._inflight_step = step
+        self._inflight = self._executor.submit(commit, *args)
 
     def _save_sharded(self, step: int, state: dict[str, Any], metrics: dict[str, Any],
                       full: bool) -> None:
@@ -378,22 +383,31 @@ class CheckpointManager:
         storage_bytes: Callable[[Any], Any],
         metrics: dict[str, Any],
     ) -> None:
+        def write(tmp: str) -> None:
+            write_step(self.fs, tmp, step=step, skeleton=skeleton, payloads=payloads,
+                       storage_bytes=storage_bytes, metrics=metrics,
+                       fsync=self.options.durable, extra=self._manifest_extra())
+
+        self._commit_step(step, metrics, write)
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        """What every manifest the manager writes records besides the state."""
+        return {"torch_version": torch.__version__, "torchkeep_version": torchkeep.__version__,
+                "retention": dataclasses.asdict(self.options.retention_spec())}
+
+    def _commit_step(self, step: int, metrics: dict[str, Any], write: Callable[[str], None],
+                     undo: Callable[[], None] | None = None) -> None:
+        """The commit protocol: ``write(folder)`` writes the step; where renames are
+        atomic the folder is a temporary name renamed once written, on object stores
+        (no atomic rename) the step's own folder, its marker written last. A failure
+        removes the folder and calls ``undo``; after the commit retention runs."""
         fs = self.fs
         final = self.step_path(step)
-        # where renames are atomic the step is written under a temporary name and renamed;
-        # on object stores (no atomic rename) it is written in place, the marker last
         tmp = fs.join(self.root, temporary_name(step)) if fs.atomic_rename else final
         if not fs.atomic_rename:
             self.run.prepare_in_place(step)
-        durable = self.options.durable
         try:
-            write_step(
-                fs, tmp, step=step, skeleton=skeleton, payloads=payloads,
-                storage_bytes=storage_bytes, metrics=metrics, fsync=durable,
-                extra={"torch_version": torch.__version__,
-                       "torchkeep_version": torchkeep.__version__,
-                       "retention": dataclasses.asdict(self.options.retention_spec())},
-            )
+            write(tmp)
             if self._resume_check is not None:
                 self._resume_check.before_commit(step)
             if tmp != final:
@@ -402,8 +416,11 @@ class CheckpointManager:
             with contextlib.suppress(Exception):
                 if fs.exists(tmp):
                     fs.rmtree(tmp)
+            if undo is not None:
+                with contextlib.suppress(Exception):
+                    undo()
             raise
-        if durable:
+        if self.options.durable:
             fs.fsync_dir(self.root)
         self._committed(step, metrics)
 
@@ -426,13 +443,7 @@ class CheckpointManager:
                                     self._arena.stage_views([c.data for c in delta.new]),
                                     strict=True):
                 item.data = staged
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="torchkeep-save")
-            self._inflight_step = step
-            self._inflight = self._executor.submit(self._commit_delta, step, skeleton, delta,
-                                                   base, metrics)
-        else:
-            self._commit_delta(step, skeleton, delta, base, metrics)
+        self._run_commit(step, self._commit_delta, step, skeleton, delta, base, metrics)
 
     def _incremental_base(self) -> Base | None:
         """The newest committed step, as the next incremental save compares with it."""
@@ -456,15 +467,12 @@ class CheckpointManager:
     def _commit_delta(self, step: int, skeleton: Any, delta: Delta, base: Base | None,
                       metrics: dict[str, Any]) -> None:
         fs = self.fs
-        final = self.step_path(step)
-        tmp = fs.join(self.root, temporary_name(step)) if fs.atomic_rename else final
-        if not fs.atomic_rename:
-            self.run.prepare_in_place(step)
         durable = self.options.durable
         pool = fs.join(self.root, POOL_NAME)
-        data_path: str | None = None
+        written: list[str] = []
         since_full = 0 if base is None else base.since_full + 1
-        try:
+
+        def write(tmp: str) -> None:
             if delta.new:
                 if not self._pool_ready:
                     fs.makedirs(pool)
@@ -472,39 +480,27 @@ class CheckpointManager:
                         fs.fsync_dir(self.root)
                     self._pool_ready = True
                 name = pool_file_name(step)
-                data_path = fs.join(pool, name)
-                write_chunks(fs, data_path, POOL_PREFIX + name, delta.new, fsync=durable)
+                written.append(fs.join(pool, name))
+                write_chunks(fs, written[0], POOL_PREFIX + name, delta.new, fsync=durable)
                 if durable:
                     fs.fsync_dir(pool)
             fs.makedirs(tmp)
             commit_manifest(
                 fs, tmp, step=step, skeleton=skeleton, entries=delta.entries, metrics=metrics,
                 fsync=durable,
-                extra={"torch_version": torch.__version__,
-                       "torchkeep_version": torchkeep.__version__,
-                       "retention": dataclasses.asdict(self.options.retention_spec()),
-                       "incremental": {
-                           "base": None if base is None else base.step,
-                           "full": base is None, "since_full": since_full,
-                           "written_bytes": delta.new_bytes,
-                           "shared_bytes": delta.shared_bytes}})
-            if self._resume_check is not None:
-                self._resume_check.before_commit(step)
-            if tmp != final:
-                fs.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                if fs.exists(tmp):
-                    fs.rmtree(tmp)
-            with contextlib.suppress(Exception):
-                if data_path is not None and fs.exists(data_path):
-                    fs.remove(data_path)
-            raise
-        if durable:
-            fs.fsync_dir(self.root)
+                extra={**self._manifest_extra(), "incremental": {
+                    "base": None if base is None else base.step, "full": base is None,
+                    "since_full": since_full, "written_bytes": delta.new_bytes,
+                    "shared_bytes": delta.shared_bytes}})
+
+        def undo() -> None:  # the shared file of a step that never committed
+            for path in written:
+                if fs.exists(path):
+                    fs.remove(path)
+
+        self._commit_step(step, metrics, write, undo)
         self._base = Base(step, delta.entries, since_full, delta.versions)
         self._force_full = False
-        self._committed(step, metrics)
 
     def _committed(self, step: int, metrics: dict[str, Any]) -> None:
         """After a step's commit: note it, report it, apply retention."""
