@@ -51,6 +51,11 @@ def info(mgr: torchkeep.CheckpointManager, step: int) -> dict[str, Any]:
         return json.load(f)["incremental"]  # type: ignore[no-any-return]
 
 
+def tensor_chunks(mgr: torchkeep.CheckpointManager, step: int, name: str) -> list[Any]:
+    with open(os.path.join(mgr.step_path(step), MANIFEST_NAME)) as f:
+        return json.load(f)["tensors"][name]["chunks"]  # type: ignore[no-any-return]
+
+
 def pool_files(run: Any) -> set[str]:
     folder = Path(run) / POOL_NAME
     return set(os.listdir(folder)) if folder.exists() else set()
@@ -574,3 +579,101 @@ def test_a_partly_changed_tensor_reads_its_chunks_from_both_files(tmp_path, mmap
         with pytest.raises(IntegrityError, match="'emb' of step 1"):
             torchkeep.load(step1, mmap=mmap)
         flip_byte(tmp_path / POOL_NAME / name, at=100)
+
+
+def _spy_on_fixed_maps(monkeypatch: Any, fail: bool = False) -> list[int]:
+    """Count (and optionally fail) the page maps a restore lays over a private map."""
+    from torchkeep.storage import fixedmap
+
+    real = fixedmap._mmap
+    if real is None:
+        pytest.skip("this platform has no mmap at a fixed address: restores copy chunks")
+    calls: list[int] = []
+
+    def spy(*args: Any) -> Any:
+        calls.append(args[1])
+        return fixedmap.ctypes.c_void_p(-1).value if fail else real(*args)
+
+    monkeypatch.setattr(fixedmap, "_mmap", spy)
+    return calls
+
+
+def test_changed_chunks_are_written_at_their_place_in_a_page(tmp_path) -> None:
+    from torchkeep.formats.manifest import PAGE_PHASE
+
+    table = torch.randn(4096, 63)  # rows of 252 bytes: chunk starts are not page multiples
+    with manager(tmp_path) as mgr:
+        mgr.save(0, {"emb": table, "bias": torch.ones(3)})
+        table[1000:1010] += 1.0
+        table[3000] += 1.0
+        mgr.save(1, {"emb": table, "bias": torch.ones(3)})
+        for step in (0, 1):
+            chunks = tensor_chunks(mgr, step, "emb")
+            assert len(chunks) > 1
+            starts = [byte_range((4096, 63), c["offsets"], c["shape"], 4)[0] for c in chunks]
+            assert all(c["offset"] % PAGE_PHASE == s % PAGE_PHASE
+                       for c, s in zip(chunks, starts, strict=True))
+            assert tensor_chunks(mgr, step, "bias")[0]["offset"] % 64 == 0
+
+
+@pytest.mark.skipif(sys.platform not in ("linux", "darwin"), reason="needs POSIX mmap")
+def test_a_restore_maps_the_changed_chunks_over_the_first_file(tmp_path, monkeypatch) -> None:
+    calls = _spy_on_fixed_maps(monkeypatch)
+    table = torch.randn(4096, 64)  # 16 chunks of 256 rows
+    with manager(tmp_path) as mgr:
+        mgr.save(0, {"emb": table})
+        table[300:310] += 1.0      # chunk 1
+        table[1024:1536] += 1.0    # chunks 4 and 5
+        table[4095] += 1.0         # chunk 15
+        mgr.save(1, {"emb": table})
+        first = tensor_chunks(mgr, 0, "emb")[0]["file"]
+        changed = [c for c in tensor_chunks(mgr, 1, "emb") if c["file"] != first]
+    assert len(changed) == 4
+    step1 = tmp_path / "step-000000000001"
+    got = torchkeep.load(step1)["emb"]
+    assert torch.equal(got, table)
+    # neighbouring changed chunks are one map; every changed byte is mapped, none copied
+    assert sum(calls) == sum(c["nbytes"] for c in changed) and len(calls) == 3
+    got[300:310] = 0.0  # copy-on-write: neither the shared file nor the next load sees it
+    got[0] = 0.0
+    assert torch.equal(torchkeep.load(step1)["emb"], table)
+    assert np.array_equal(torchkeep.load(step1, backend="numpy")["emb"], table.numpy())
+
+
+@pytest.mark.skipif(sys.platform not in ("linux", "darwin"), reason="needs POSIX mmap")
+def test_a_restore_whose_page_map_fails_copies_the_chunks(tmp_path, monkeypatch) -> None:
+    table = torch.randn(4096, 64)
+    with manager(tmp_path) as mgr:
+        mgr.save(0, {"emb": table})
+        table[300:310] += 1.0
+        mgr.save(1, {"emb": table})
+    calls = _spy_on_fixed_maps(monkeypatch, fail=True)
+    assert torch.equal(torchkeep.load(tmp_path / "step-000000000001")["emb"], table)
+    assert calls  # it was tried, failed, and the tensor was read instead
+
+
+def test_map_into_maps_whole_pages_and_reads_the_rest(tmp_path) -> None:
+    from torchkeep.storage.fixedmap import PAGE
+    from torchkeep.storage.source import open_source
+
+    first = np.random.default_rng(0).integers(0, 256, 16 * PAGE, dtype=np.uint8)
+    second = np.random.default_rng(1).integers(0, 256, 16 * PAGE, dtype=np.uint8)
+    (tmp_path / "a").write_bytes(first.tobytes())
+    (tmp_path / "b").write_bytes(second.tobytes())
+    a, b = open_source(str(tmp_path / "a")), open_source(str(tmp_path / "b"))
+    cases = [(PAGE, PAGE, 4 * PAGE),            # whole pages
+             (100, PAGE + 100, 3 * PAGE + 7),   # the same place in a page: ends read
+             (100, 2 * PAGE + 37, 5 * PAGE),    # different places: all read
+             (10, 10, 50)]                      # less than a page
+    for at, offset, n in cases:
+        view = a.private_map(0, 16 * PAGE)
+        assert view is not None
+        b.map_into(offset, view[at : at + n])
+        expected = first.copy()
+        expected[at : at + n] = second[offset : offset + n]
+        assert np.array_equal(np.frombuffer(view, dtype=np.uint8), expected), (at, offset, n)
+        view[at] = (view[at] + 1) % 256  # copy-on-write: the files never change
+    assert (tmp_path / "a").read_bytes() == first.tobytes()
+    assert (tmp_path / "b").read_bytes() == second.tobytes()
+    a.close()
+    b.close()

@@ -21,6 +21,9 @@ _PARALLEL_BYTES = 8 << 20
 #: A big record is read in pieces of this size, so the threads share it.
 _PIECE_BYTES = 16 << 20
 _READERS = max(2, min(4, os.cpu_count() or 1))
+#: Patch maps a loader makes at most: each splits a memory map in up to three, and a
+#: process has a limited number of them (65530 by default on Linux).
+_MAX_OVERLAYS = 4096
 
 
 class StorageLoader:
@@ -60,6 +63,7 @@ class StorageLoader:
         self._mapped: dict[int, np.ndarray[Any, Any]] = {}
         self._cache: dict[str, np.ndarray[Any, Any]] = {}
         self._read_ahead: dict[str, np.ndarray[Any, Any]] = {}
+        self._overlays = 0
 
     def prefetch(self) -> None:
         """Read every stored record that will be copied, with several threads (the
@@ -115,11 +119,11 @@ class StorageLoader:
                 source=self.parsed.source.name,
             )
         ahead = self._read_ahead.pop(root.key, None)
-        data = ahead if ahead is not None else self._read(record)
-        for start, patch in record.patches:  # data is a buffer or a private map of its own
-            assert patch.source is not None and patch.offset is not None
-            if patch.nbytes:
-                patch.source.readinto(patch.offset, data[start : start + patch.nbytes].data)
+        if ahead is not None:
+            data = ahead
+            _copy_patches(record, data.data)
+        else:
+            data = self._read(record)
         if self.parsed.verify is not None:
             self.parsed.verify(root, data.data)
         if not self.parsed.native_order and swap_itemsize > 1:
@@ -140,6 +144,27 @@ class StorageLoader:
             )
         return data[start : start + ref.nbytes]
 
+    def _patched_map(self, record: Record, source: Source) -> np.ndarray[Any, Any] | None:
+        """The record's range of ``source`` mapped copy-on-write, in a map of its own (so
+        no other record sees the patches), with its patches' pages mapped over it in place
+        where they lie at the same place in a page, else read into it. None when the
+        input cannot be mapped so (the caller copies)."""
+        patches = _merged_patches(record)
+        if self._overlays + len(patches) > _MAX_OVERLAYS:
+            return None
+        assert record.offset is not None
+        mapped = source.private_map(record.offset, record.nbytes)
+        if mapped is None:
+            return None
+        try:
+            for start, patch_source, patch_offset, n in patches:
+                patch_source.map_into(patch_offset, mapped[start : start + n])
+        except StorageError:  # the map may have a hole now: dropped unread, and copied
+            mapped.release()
+            return None
+        self._overlays += len(patches)
+        return np.frombuffer(mapped, dtype=np.uint8)
+
     def _read(self, record: Record) -> np.ndarray[Any, Any]:
         if record.nbytes == 0:
             return np.empty(0, dtype=np.uint8)
@@ -147,10 +172,10 @@ class StorageLoader:
             source = record.source or self.parsed.source
             if self.use_mmap and not record.patches:
                 return self._whole_map(source)[record.offset : record.offset + record.nbytes]
-            if self.use_mmap:  # patched in place: a map of its own, so no other record sees it
-                mapped = source.private_map(record.offset, record.nbytes)
-                if mapped is not None:
-                    return np.frombuffer(mapped, dtype=np.uint8)
+            if self.use_mmap:
+                patched = self._patched_map(record, source)
+                if patched is not None:
+                    return patched
             memory = source.memory()
             out = np.empty(record.nbytes, dtype=np.uint8)
             if memory is not None:
@@ -158,6 +183,7 @@ class StorageLoader:
                                        offset=record.offset)
             else:
                 source.readinto(record.offset, out.data)
+            _copy_patches(record, out.data)
             return out
         if record.decode is None:
             raise CorruptCheckpointError(f"record {record.name!r} has no data")
@@ -170,6 +196,29 @@ class StorageLoader:
         if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.flags.writeable:
             return raw  # a fresh buffer of its own (chunks read into place): no second copy
         return np.frombuffer(bytearray(raw), dtype=np.uint8)
+
+
+def _merged_patches(record: Record) -> list[tuple[int, Source, int, int]]:
+    """The record's patches as ``(start, source, offset, nbytes)``, neighbours that
+    continue each other in the same file joined (one read or map for a run of chunks)."""
+    out: list[tuple[int, Source, int, int]] = []
+    for start, part in record.patches:
+        assert part.source is not None and part.offset is not None
+        if not part.nbytes:
+            continue
+        if out:
+            at, source, offset, n = out[-1]
+            if source is part.source and at + n == start and offset + n == part.offset:
+                out[-1] = (at, source, offset, n + part.nbytes)
+                continue
+        out.append((start, part.source, part.offset, part.nbytes))
+    return out
+
+
+def _copy_patches(record: Record, data: memoryview) -> None:
+    """Read the record's patches over ``data``, a buffer of its own."""
+    for start, source, offset, n in _merged_patches(record):
+        source.readinto(offset, data[start : start + n])
 
 
 def _absolute_offset(ref: StorageRef) -> int:

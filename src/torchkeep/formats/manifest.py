@@ -16,7 +16,9 @@ own data file of the same directory.
 An incremental step (CheckpointManager(incremental=True), docs/manager.md) keeps no data
 of its own: its chunks name data files of the run's shared ``chunks/`` folder as
 ``../chunks/step-000000000120-<token>-00000.bin``, the file the step that first wrote
-those bytes created. Nothing else outside the step folder can be named.
+those bytes created. Nothing else outside the step folder can be named. There each chunk
+of a tensor cut in several lies at its place in a ``PAGE_PHASE`` block, so a reader can
+map it over the tensor's other bytes (formats/loader.py); readers never rely on it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ SHARDED_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MARKER_NAME = "COMMITTED"
 ALIGNMENT = 64
+#: a chunk of a tensor cut in several lies at its place in a block of this size (the
+#: largest common memory page: 4 KiB on x86, 16 KiB on Apple, 64 KiB on some ARM servers),
+#: so a restore can map it over the tensor's other bytes (storage/fixedmap.py)
+PAGE_PHASE = 64 << 10
 #: the run folder's shared data files of incremental steps (beside the step folders)
 POOL_NAME = "chunks"
 POOL_PREFIX = f"../{POOL_NAME}/"

@@ -22,6 +22,7 @@ import torch
 from torchkeep.errors import TorchkeepError
 from torchkeep.formats.manifest import (
     ALIGNMENT,
+    PAGE_PHASE,
     POOL_NAME,
     POOL_PREFIX,
     TensorPayload,
@@ -40,6 +41,10 @@ __all__ = ["CHUNK_BYTES", "Base", "Delta", "NewChunk", "ShardedDiff", "diff", "p
 CHUNK_BYTES = 4 << 20
 
 Box = tuple[list[int], list[int], int, int]  # offsets, sizes, byte start, nbytes
+
+
+#: a sharded piece at least this big is written at its place in a page (PAGE_PHASE)
+PAGE_ALIGNED_BYTES = 1 << 20
 
 
 def plan_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list[Box]:
@@ -155,6 +160,10 @@ class NewChunk:
 
     chunk: dict[str, Any]
     data: memoryview
+    #: where the chunk starts in its tensor's bytes, when it is one of several: written at
+    #: the same place in a page, so a restore maps it over the tensor's other bytes
+    #: instead of copying it (storage/fixedmap.py)
+    phase: int | None = None
 
 
 @dataclass(slots=True)
@@ -230,7 +239,7 @@ def diff(
             chunk = {"offsets": offsets, "shape": sizes, "file": "", "offset": 0,
                      "nbytes": n, "xxh3": digest}
             chunks.append(chunk)
-            new.append(NewChunk(chunk, piece))
+            new.append(NewChunk(chunk, piece, start if len(boxes) > 1 else None))
         entry["chunks"] = chunks
         entries[payload.name] = entry
     return Delta(entries, new, versions, base is None, shared, untouched)
@@ -259,13 +268,15 @@ def _comparable(base: Base | None, payload: TensorPayload,
 
 def write_chunks(fs: FileSystem, path: str, file_ref: str, new: list[NewChunk], *,
                  fsync: bool) -> None:
-    """Write the new chunks into data file ``path`` (each 64-byte aligned) and point their
-    entries at it as ``file_ref``."""
+    """Write the new chunks into data file ``path`` and point their entries at it as
+    ``file_ref``: each 64-byte aligned, or at its ``phase`` in a page (the chunks of one
+    tensor written in a row need no padding between them)."""
 
     def produce(write: Callable[[Any], Any]) -> None:
         offset = 0
         for item in new:
-            pad = -offset % ALIGNMENT
+            phase, unit = (0, ALIGNMENT) if item.phase is None else (item.phase, PAGE_PHASE)
+            pad = (phase - offset) % unit
             if pad:
                 write(b"\0" * pad)
                 offset += pad
@@ -327,7 +338,10 @@ class ShardedDiff:
             chunk = {"offsets": at, "shape": sizes, "file": "", "offset": 0, "nbytes": n,
                      "xxh3": digest, "new": True}
             chunks.append(chunk)
-            new.append(NewChunk(chunk, piece))
+            # a piece of a sharded tensor: its place in the whole tensor is not known here,
+            # its place in the rank's chunk stands for it (the same for row-wise shards)
+            phase = start if len(boxes) > 1 or any(offsets) or n >= PAGE_ALIGNED_BYTES else None
+            new.append(NewChunk(chunk, piece, phase))
         return chunks, new
 
     def write(self, fs: FileSystem, step_path: str, new: list[NewChunk], *,

@@ -57,6 +57,7 @@ from torchkeep.manager.sharded import (
 from torchkeep.manager.staging import StagingArena
 from torchkeep.storage.background import drain
 from torchkeep.storage.filesystem import FileSystem
+from torchkeep.storage.gcpause import gc_paused
 from torchkeep.tensors import TorchMaterializer
 
 __all__ = ["CheckpointManager", "ManagerOptions", "StateMismatchError"]
@@ -543,11 +544,13 @@ class CheckpointManager:
         if not self.fs.exists(self.step_path(step)):
             raise CheckpointNotFoundError(f"no committed step {step}",
                                           source=self.fs.describe(self.root))
-        parsed = read_step_dir(self.step_path(step), fs=self.fs, verify=self.options.verify)
-        try:
-            tree = TorchMaterializer(parsed, map_location=map_location).tree()
-        finally:
-            parsed.close()
+        with gc_paused():  # a manifest of many chunks is many small objects (gcpause.py)
+            parsed = read_step_dir(self.step_path(step), fs=self.fs,
+                                   verify=self.options.verify)
+            try:
+                tree = TorchMaterializer(parsed, map_location=map_location).tree()
+            finally:
+                parsed.close()
         if not isinstance(tree, dict):
             raise IntegrityError(f"step {step} does not hold a state dict")
         self._restored(step)  # restore() loads through here too

@@ -14,6 +14,7 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
+from torchkeep.storage.fixedmap import map_over
 
 __all__ = ["Source", "open_source"]
 
@@ -195,6 +196,29 @@ class Source:
         except (OSError, ValueError) as e:
             raise StorageError(f"cannot memory-map: {e}", source=self.name) from e
         return memoryview(mapped)[at - start : at - start + n]
+
+    def map_into(self, offset: int, out: memoryview) -> None:
+        """Like ``readinto``, into a writable slice of a ``private_map``: the whole pages
+        are mapped from this file in place (copy-on-write, nothing read until touched)
+        where ``out`` and ``offset`` lie at the same place in a page, the rest is read.
+
+        Raises StorageError when mapping fails; ``out``'s map may then have a hole and
+        must not be touched again (storage/fixedmap.py)."""
+        n = out.nbytes
+        self._check(offset, n)
+        head = body = 0
+        if self._fd is not None and self._buffer is None:
+            try:
+                head, body = map_over(out, self._fd, self._base + offset)
+            except OSError as e:
+                raise StorageError(f"cannot memory-map: {e}", source=self.name) from e
+        if not body:
+            self.readinto(offset, out)
+            return
+        if head:
+            self.readinto(offset, out[:head])
+        if head + body < n:
+            self.readinto(offset + head + body, out[head + body :])
 
     # -- lifetime -------------------------------------------------------------------------
 
