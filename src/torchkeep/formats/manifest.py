@@ -338,6 +338,7 @@ def read_step_dir(
     if not isinstance(entries, dict):
         raise CorruptCheckpointError("manifest has no tensor table", source=name)
     sources: dict[str, Any] = {}
+    paths: dict[str, str | None] = {}
     records: dict[str, Record] = {}
     refs: dict[str, TensorRef] = {}
 
@@ -359,7 +360,9 @@ def read_step_dir(
                 o < 0 or n < 0 or o + n > s
                 for o, n, s in zip(offsets, extent, shape, strict=True)):
             raise fail(f"tensor {tensor_name!r}: chunk {index} lies outside the tensor")
-        path = chunk_file_path(fs, directory, file_name)
+        if file_name not in paths:  # checked once per file, not per chunk
+            paths[file_name] = chunk_file_path(fs, directory, file_name)
+        path = paths[file_name]
         if size != math.prod(extent) * itemsize or offset < 0 or path is None:
             raise fail(f"tensor {tensor_name!r}: chunk {index} does not match the tensor")
         if file_name not in sources:
