@@ -677,3 +677,22 @@ def test_map_into_maps_whole_pages_and_reads_the_rest(tmp_path) -> None:
     assert (tmp_path / "b").read_bytes() == second.tobytes()
     a.close()
     b.close()
+
+
+@pytest.mark.skipif(sys.platform not in ("linux", "darwin"), reason="needs POSIX mmap")
+@pytest.mark.parametrize("placed", [True, False])
+def test_chunks_not_placed_in_a_page_are_copied_instead(tmp_path, monkeypatch, placed) -> None:
+    """Runs written before chunks were placed at their phase in a page (64-byte aligned
+    only) restore as well: those chunks are read into place."""
+    from torchkeep.manager import incremental
+
+    if not placed:
+        monkeypatch.setattr(incremental, "PAGE_PHASE", 64)
+    table = torch.randn(4096, 63)  # chunks of 260 rows, 65520 bytes: starts off the page
+    with manager(tmp_path) as mgr:
+        mgr.save(0, {"emb": table})
+        table[800] += 1.0  # chunk 3, starting at byte 196560 of the tensor
+        mgr.save(1, {"emb": table})
+    calls = _spy_on_fixed_maps(monkeypatch)
+    assert torch.equal(torchkeep.load(tmp_path / "step-000000000001")["emb"], table)
+    assert len(calls) == (1 if placed else 0)
