@@ -696,3 +696,28 @@ def test_chunks_not_placed_in_a_page_are_copied_instead(tmp_path, monkeypatch, p
     calls = _spy_on_fixed_maps(monkeypatch)
     assert torch.equal(torchkeep.load(tmp_path / "step-000000000001")["emb"], table)
     assert len(calls) == (1 if placed else 0)
+
+
+@pytest.mark.parametrize("nbytes", [4096 * 64 * 4, 16 << 20])  # read in turn; in parallel
+def test_a_copied_restore_reads_each_byte_once(tmp_path, monkeypatch, nbytes) -> None:
+    """mmap=False reads a partly changed tensor's unchanged bytes from the first file and
+    its changed chunks from theirs, never both."""
+    from torchkeep.storage.source import Source
+
+    table = torch.randn(nbytes // 256, 64)
+    with manager(tmp_path) as mgr:
+        mgr.save(0, {"emb": table})
+        table[300:310] += 1.0
+        table[-1] += 1.0
+        mgr.save(1, {"emb": table})
+    read: list[int] = []
+    real = Source.readinto
+
+    def counted(self: Source, offset: int, out: memoryview) -> None:
+        read.append(out.nbytes)
+        real(self, offset, out)
+
+    monkeypatch.setattr(Source, "readinto", counted)
+    got = torchkeep.load(tmp_path / "step-000000000001", mmap=False)["emb"]
+    assert torch.equal(got, table)
+    assert sum(read) == table.nbytes

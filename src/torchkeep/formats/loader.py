@@ -81,8 +81,10 @@ class StorageLoader:
             out = np.empty(record.nbytes, dtype=np.uint8)
             self._read_ahead[key] = out
             view = out.data  # a memoryview of the new buffer
-            for start in range(0, record.nbytes, _PIECE_BYTES):
-                jobs.append((source, record.offset + start, view[start : start + _PIECE_BYTES]))
+            for at, part_source, offset, n in _segments(record, source):
+                for start in range(at, at + n, _PIECE_BYTES):
+                    end = min(start + _PIECE_BYTES, at + n)
+                    jobs.append((part_source, offset + start - at, view[start:end]))
             total += record.nbytes
         remote = [job for job in jobs if job[0].remote]
         if remote:  # coalesced and concurrent ranged requests (storage/remote.py)
@@ -119,11 +121,7 @@ class StorageLoader:
                 source=self.parsed.source.name,
             )
         ahead = self._read_ahead.pop(root.key, None)
-        if ahead is not None:
-            data = ahead
-            _copy_patches(record, data.data)
-        else:
-            data = self._read(record)
+        data = ahead if ahead is not None else self._read(record)
         if self.parsed.verify is not None:
             self.parsed.verify(root, data.data)
         if not self.parsed.native_order and swap_itemsize > 1:
@@ -178,12 +176,12 @@ class StorageLoader:
                     return patched
             memory = source.memory()
             out = np.empty(record.nbytes, dtype=np.uint8)
-            if memory is not None:
+            if memory is not None and not record.patches:
                 out[:] = np.frombuffer(memory, dtype=np.uint8, count=record.nbytes,
                                        offset=record.offset)
             else:
-                source.readinto(record.offset, out.data)
-            _copy_patches(record, out.data)
+                for at, part_source, offset, n in _segments(record, source):
+                    part_source.readinto(offset, out.data[at : at + n])
             return out
         if record.decode is None:
             raise CorruptCheckpointError(f"record {record.name!r} has no data")
@@ -215,10 +213,21 @@ def _merged_patches(record: Record) -> list[tuple[int, Source, int, int]]:
     return out
 
 
-def _copy_patches(record: Record, data: memoryview) -> None:
-    """Read the record's patches over ``data``, a buffer of its own."""
-    for start, source, offset, n in _merged_patches(record):
-        source.readinto(offset, data[start : start + n])
+def _segments(record: Record, source: Source) -> list[tuple[int, Source, int, int]]:
+    """Where the record's bytes come from, in order, as ``(start, source, offset,
+    nbytes)``: its patches and the bytes of ``source`` (its own) between them, each
+    byte read once."""
+    assert record.offset is not None
+    out: list[tuple[int, Source, int, int]] = []
+    at = 0
+    for start, patch_source, offset, n in _merged_patches(record):
+        if start > at:
+            out.append((at, source, record.offset + at, start - at))
+        out.append((start, patch_source, offset, n))
+        at = start + n
+    if at < record.nbytes:
+        out.append((at, source, record.offset + at, record.nbytes - at))
+    return out
 
 
 def _absolute_offset(ref: StorageRef) -> int:
