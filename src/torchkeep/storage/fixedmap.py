@@ -3,13 +3,13 @@
 An incremental step's tensor lies mostly in one file, with its changed chunks in others.
 Restoring it maps the first file's range copy-on-write and then needs the changed chunks
 over it. Copying them in costs a copy-on-write fault, a page copy and the read's copy per
-page; mapping their pages over the range costs one ``mmap`` call per chunk and nothing
-until a page is touched, as for the unchanged bytes. Measured on the 1 GiB embedding table
-of bench/incremental.py (164 MiB of changed chunks in three other files, 28 runs of
-neighbouring chunks, warm page cache): copying them took 0.12-0.14 s, more than a whole
-full step's restore (0.09 s); mapping them takes 0.3 ms. Python's
-mmap module cannot map at a chosen address, so this calls the C library's ``mmap``
-through ctypes, only ever inside a map this process made copy-on-write.
+page; mapping their pages over the range costs one ``mmap`` call per run of neighbouring
+chunks and nothing until a page is touched, as for the unchanged bytes. Measured on the
+1 GiB embedding table of bench/incremental.py (164 MiB of changed chunks in three other
+files, 28 runs of neighbouring chunks, warm page cache): copying them took 0.12-0.14 s,
+more than a whole full step's restore (0.09 s); mapping them takes 0.3 ms. Python's mmap
+module cannot map at a chosen address, so this calls the C library's ``mmap`` through
+ctypes, only ever inside a map this process made copy-on-write.
 """
 
 from __future__ import annotations

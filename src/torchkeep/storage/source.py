@@ -207,7 +207,7 @@ class Source:
         n = out.nbytes
         self._check(offset, n)
         head = body = 0
-        if self._fd is not None and self._buffer is None:
+        if self._fd is not None:
             try:
                 head, body = map_over(out, self._fd, self._base + offset)
             except OSError as e:
