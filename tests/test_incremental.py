@@ -46,14 +46,17 @@ def manager(path: Any, **kwargs: Any) -> torchkeep.CheckpointManager:
     return torchkeep.CheckpointManager(path, options=options, **kwargs)
 
 
-def info(mgr: torchkeep.CheckpointManager, step: int) -> dict[str, Any]:
+def manifest(mgr: torchkeep.CheckpointManager, step: int) -> dict[str, Any]:
     with open(os.path.join(mgr.step_path(step), MANIFEST_NAME)) as f:
-        return json.load(f)["incremental"]  # type: ignore[no-any-return]
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def info(mgr: torchkeep.CheckpointManager, step: int) -> dict[str, Any]:
+    return manifest(mgr, step)["incremental"]  # type: ignore[no-any-return]
 
 
 def tensor_chunks(mgr: torchkeep.CheckpointManager, step: int, name: str) -> list[Any]:
-    with open(os.path.join(mgr.step_path(step), MANIFEST_NAME)) as f:
-        return json.load(f)["tensors"][name]["chunks"]  # type: ignore[no-any-return]
+    return manifest(mgr, step)["tensors"][name]["chunks"]  # type: ignore[no-any-return]
 
 
 def pool_files(run: Any) -> set[str]:
